@@ -1,0 +1,3 @@
+from relicv2_cli.cli import main
+
+main()

@@ -1,0 +1,176 @@
+"""Typer wiring: `relicv2 <stage> ...`. Each stage's options and logic live in its own module."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from relicv2_cli import __version__, artifacts
+from relicv2_cli.errors import RelicError
+from relicv2_cli.options import (
+    DEFAULT_WORKDIR,
+    ImageSize,
+    LimitTest,
+    LimitTrain,
+    Seed,
+    SkipBad,
+    Spec,
+)
+
+app = typer.Typer(
+    help="RELICv2 self-supervised learning, end to end: saliency -> pretrain -> eval -> analyze.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+artifacts_app = typer.Typer(help="List, show, verify and trace artifacts.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(artifacts_app, name="artifacts")
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        print(__version__)
+        raise typer.Exit()
+
+
+@data_app.command("info")
+def data_info(
+    spec: Spec,
+    limit_train: LimitTrain = None,
+    limit_test: LimitTest = None,
+    image_size: ImageSize = None,
+    skip_bad: SkipBad = False,
+    seed: Seed = 0,
+) -> None:
+    """Counts, classes, image shape and fingerprint of a dataset."""
+    from relicv2_cli.data import load_dataset
+
+    dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
+                           skip_bad=skip_bad, seed=seed)
+    table = Table(title=spec, show_header=False)
+    for name in ("train", "val", "test"):
+        split = dataset.val if name == "val" else dataset.split(name)
+        if split is not None:
+            counts = ", ".join(str(int((split.labels == c).sum())) for c in range(dataset.num_classes))
+            table.add_row(f"{name} images", f"{len(split.images):,}  (per class: {counts})")
+            if split.skipped:
+                table.add_row(f"{name} skipped", f"{len(split.skipped)} unreadable, first {split.skipped[0]}")
+    table.add_row("image shape", "x".join(map(str, dataset.train.images.shape[1:])) + " uint8")
+    table.add_row("classes", f"{dataset.num_classes}: {', '.join(dataset.class_names)}")
+    table.add_row("ground-truth masks", "yes" if dataset.train.masks is not None else "no")
+    table.add_row("fingerprint", dataset.fingerprint)
+    typer.echo(_table_text(table))
+
+
+def _table_text(table: Table) -> str:
+    """Render a table as plain text for stdout (data info is read by people and scripts alike)."""
+    buffer = io.StringIO()
+    Console(width=120, color_system=None, file=buffer).print(table)
+    return buffer.getvalue().rstrip()
+
+
+@artifacts_app.command("ls")
+def artifacts_ls(workdir: Annotated[Path | None, typer.Argument(help="Artifact root (default: runs/ or $RELICV2_HOME).")] = None) -> None:
+    """List every artifact under WORKDIR with kind, creation time, dataset and headline metrics."""
+    workdir = workdir or DEFAULT_WORKDIR
+    if not workdir.is_dir():
+        raise RelicError(f"no artifact folder {workdir}")
+    table = Table(title=str(workdir))
+    for column in ("kind", "name", "created", "dataset", "metrics"):
+        table.add_column(column)
+    for entry in artifacts.list_artifacts(workdir):
+        if isinstance(entry, tuple):
+            path, problem = entry
+            table.add_row(path.parent.name, path.name, "", "", f"[red]{problem}")
+            continue
+        metrics = ", ".join(f"{k}={_short(v)}" for k, v in list(entry.metrics.items())[:4] if not isinstance(v, (dict, list)))
+        dataset = (entry.manifest.get("dataset") or {}).get("spec", "")
+        table.add_row(entry.kind, entry.name, entry.manifest["created"], dataset, metrics)
+    typer.echo(_table_text(table))
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@artifacts_app.command("show")
+def artifacts_show(art: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """Print an artifact's manifest."""
+    typer.echo(json.dumps(artifacts.load_artifact(art).manifest, indent=2))
+
+
+@artifacts_app.command("verify")
+def artifacts_verify(art: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """Recheck every file's sha256 against the manifest; non-zero exit naming the file on a mismatch."""
+    problems = artifacts.verify_artifact(art)
+    if problems:
+        raise RelicError(f"{art}: {len(problems)} problem(s): " + "; ".join(problems))
+    typer.echo(f"ok: {art}")
+
+
+@artifacts_app.command("lineage")
+def artifacts_lineage(art: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """The chain of parent artifacts as a tree (and whether any changed since it was recorded)."""
+    rows = artifacts.lineage(artifacts.load_artifact(art))
+    root = None
+    stack: list[Tree] = []
+    for depth, entry, status in rows:
+        if isinstance(entry, dict):
+            label = f"{entry['kind']} {entry['path']} [red](missing)"
+        else:
+            data = (entry.manifest.get("dataset") or {}).get("spec")
+            label = f"{entry.kind}/{entry.name}  {entry.digest[:12]}" + (f"  data={data}" if data else "")
+            if status:
+                label += f"  [red]({status})"
+        if root is None:
+            root = Tree(label)
+            stack = [root]
+        else:
+            del stack[depth:]
+            stack.append(stack[-1].add(label))
+    typer.echo(_table_text(root))
+
+
+def main() -> None:
+    """Entry point: one-line errors and a non-zero exit on bad input; tracebacks only with --debug."""
+    debug = "--debug" in sys.argv or os.environ.get("RELICV2_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except RelicError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001  (click usage errors are handled below)
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,386 @@
+"""Datasets: one loader interface for every SPEC kind.
+
+A SPEC names a dataset: `synthetic`, `cifar10:DIR`, `cifar100:DIR`, `fashion-mnist:DIR`,
+`imagefolder:DIR`, `npz:FILE`. Every loader returns a `Dataset` with train and test splits of
+uint8 RGB images (N, H, W, 3), int64 labels, class names and a fingerprint that changes when the
+content (or the limits applied to it) changes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from relicv2_cli.errors import RelicError
+
+SPEC_KINDS = ("synthetic", "cifar10", "cifar100", "fashion-mnist", "imagefolder", "npz")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class Split:
+    """One split. Images may be decoded lazily (imagefolder): they load on first access."""
+
+    labels: np.ndarray
+    _images: np.ndarray | None = None
+    _decode: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+    masks: np.ndarray | None = None  # ground-truth foreground masks (N, H, W) uint8, synthetic only
+    files: list[str] | None = None  # source file per image (imagefolder), for mask import by name
+    skipped: list[str] = field(default_factory=list)
+    _fingerprint: str | None = None
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            assert self._decode is not None
+            self._images, keep = self._decode()
+            if len(keep) != len(self.labels):
+                self.labels = self.labels[keep]
+                if self.files is not None:
+                    kept = set(keep.tolist())
+                    self.skipped = [f for i, f in enumerate(self.files) if i not in kept]
+                    self.files = [self.files[i] for i in keep]
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self.labels)  # before a lazy decode: the listed count; --skip-bad may lower it
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            images = self.images
+            digest = hashlib.sha256()
+            digest.update(str(images.shape).encode())
+            digest.update(np.ascontiguousarray(images).data)
+            digest.update(np.ascontiguousarray(self.labels.astype(np.int64)).data)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+@dataclass
+class Dataset:
+    spec: str
+    train: Split
+    test: Split
+    class_names: list[str]
+    val: Split | None = None  # only when the source has its own validation split
+    options: dict = field(default_factory=dict)  # limits and resize applied, for the manifest
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> Split:
+        if name == "val" and self.val is None:
+            raise RelicError(f"{self.spec} has no validation split")
+        if name not in ("train", "test", "val"):
+            raise RelicError(f"unknown split {name!r}; expected train, test or val")
+        return getattr(self, name)
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            digest.update((split.fingerprint if split is not None else "-").encode())
+        digest.update("\n".join(self.class_names).encode())
+        return digest.hexdigest()
+
+    def record(self) -> dict:
+        """What a manifest stores about the data it was made from."""
+        return {
+            "spec": self.spec,
+            "fingerprint": self.fingerprint,
+            "train_count": len(self.train),
+            "test_count": len(self.test),
+            "split_fingerprints": {
+                name: split.fingerprint
+                for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
+                if split is not None
+            },
+            **self.options,
+        }
+
+
+def load_dataset(
+    spec: str,
+    *,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    image_size: int | None = None,
+    skip_bad: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Parse SPEC and load it. `seed` only matters for `synthetic` (its generator seed)."""
+    kind, _, arg = spec.partition(":")
+    if kind not in SPEC_KINDS:
+        raise RelicError(f"unknown dataset spec {spec!r}; valid kinds: {', '.join(SPEC_KINDS)} (e.g. cifar10:DIR)")
+    if kind != "synthetic" and not arg:
+        raise RelicError(f"dataset spec {spec!r} needs a path: {kind}:PATH")
+    for flag, value in (("--limit-train", limit_train), ("--limit-test", limit_test), ("--image-size", image_size)):
+        if value is not None and value <= 0:
+            raise RelicError(f"{flag} must be positive, got {value}")
+    if kind != "synthetic":
+        path = Path(arg).expanduser()
+        if not path.exists():
+            raise RelicError(f"{spec}: {path} does not exist")
+
+    if kind == "synthetic":
+        dataset = _load_synthetic(spec, limit_train, limit_test, image_size or 32, seed)
+    elif kind in ("cifar10", "cifar100"):
+        dataset = _load_cifar(spec, path, kind)
+    elif kind == "fashion-mnist":
+        dataset = _load_fashion_mnist(spec, path)
+    elif kind == "npz":
+        dataset = _load_npz(spec, path)
+    else:
+        dataset = _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
+
+    if kind not in ("synthetic", "imagefolder"):
+        for name, limit in (("train", limit_train), ("test", limit_test)):
+            if limit is not None:
+                setattr(dataset, name, _limit(dataset.split(name), limit))
+        if image_size is not None:
+            for split in (dataset.train, dataset.val, dataset.test):
+                if split is not None:
+                    split._images = resize_images(split.images, image_size)
+    dataset.options = {"limit_train": limit_train, "limit_test": limit_test, "image_size": image_size}
+    if kind == "synthetic":
+        dataset.options["seed"] = seed
+    if len(dataset.train) == 0 or len(dataset.test) == 0:
+        raise RelicError(f"{spec}: a split is empty (train {len(dataset.train)}, test {len(dataset.test)})")
+    return dataset
+
+
+def _limit(split: Split, limit: int) -> Split:
+    n = min(limit, len(split.labels))
+    return Split(
+        labels=split.labels[:n],
+        _images=split.images[:n],
+        masks=None if split.masks is None else split.masks[:n],
+        files=None if split.files is None else split.files[:n],
+    )
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize (N, H, W, C) uint8 images to size x size (area when shrinking, bilinear when growing)."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    interp = cv2.INTER_AREA if images.shape[1] > size else cv2.INTER_LINEAR
+    out = np.empty((len(images), size, size, images.shape[3]), np.uint8)
+    for i, image in enumerate(images):
+        resized = cv2.resize(image, (size, size), interpolation=interp)
+        out[i] = resized.reshape(size, size, -1)
+    return out
+
+
+def _as_rgb(images: np.ndarray) -> np.ndarray:
+    """Grey (N, H, W) or (N, H, W, 1) becomes 3 equal channels, so every model sees RGB."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images)
+
+
+def _load_synthetic(spec, limit_train, limit_test, image_size, seed) -> Dataset:
+    from relicv2_cli.data.synthetic import CLASS_NAMES, generate_synthetic
+
+    n_train = 5000 if limit_train is None else limit_train
+    n_test = 1000 if limit_test is None else limit_test
+    arrays = generate_synthetic(n_train=n_train, n_test=n_test, image_size=image_size, seed=seed)
+    return Dataset(
+        spec=spec,
+        train=Split(labels=arrays["y_train"], _images=arrays["x_train"], masks=arrays["m_train"]),
+        test=Split(labels=arrays["y_test"], _images=arrays["x_test"], masks=arrays["m_test"]),
+        class_names=list(CLASS_NAMES),
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    # The official CIFAR python files are pickles of plain dicts of bytes/lists/ndarrays.
+    if not path.exists():
+        raise RelicError(f"missing CIFAR file {path}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise RelicError(f"corrupt or truncated CIFAR file {path}: {e}") from None
+
+
+def _load_cifar(spec: str, path: Path, kind: str) -> Dataset:
+    folder_name = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+    folder = path / folder_name if (path / folder_name).is_dir() else path
+    if kind == "cifar10":
+        train_files, test_files, meta_file = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"
+        label_key, names_key = b"labels", b"label_names"
+    else:
+        train_files, test_files, meta_file = ["train"], ["test"], "meta"
+        label_key, names_key = b"fine_labels", b"fine_label_names"
+    if not (folder / meta_file).exists():
+        raise RelicError(f"{spec}: no {folder_name}/{meta_file} under {path} (expected the official python version)")
+
+    def read(files: list[str]) -> Split:
+        images, labels = [], []
+        for name in files:
+            batch = _unpickle(folder / name)
+            try:
+                data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
+                labels.append(np.asarray(batch[label_key], np.int64))
+            except (KeyError, ValueError) as e:
+                raise RelicError(f"corrupt CIFAR file {folder / name}: {e}") from None
+            images.append(data.transpose(0, 2, 3, 1))
+        return Split(labels=np.concatenate(labels), _images=np.ascontiguousarray(np.concatenate(images)))
+
+    names = [n.decode() for n in _unpickle(folder / meta_file)[names_key]]
+    return Dataset(spec=spec, train=read(train_files), test=read(test_files), class_names=names)
+
+
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a gzip (or plain) IDX file: magic (0, 0, type 0x08, ndim), big-endian dims, uint8 data."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise RelicError(f"corrupt or truncated IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise RelicError(f"{path}: not a uint8 IDX file")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if len(raw) != expected:
+        raise RelicError(f"{path}: truncated IDX file ({len(raw)} bytes, expected {expected})")
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).exists():
+            return folder / name
+    raise RelicError(f"missing Fashion-MNIST file {folder / (stem + '.gz')}")
+
+
+def _load_fashion_mnist(spec: str, path: Path) -> Dataset:
+    def read(prefix: str) -> Split:
+        images = _read_idx(_find_idx(path, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find_idx(path, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        if len(images) != len(labels):
+            raise RelicError(f"{spec}: {prefix} has {len(images)} images but {len(labels)} labels")
+        return Split(labels=labels, _images=_as_rgb(images))
+
+    return Dataset(spec=spec, train=read("train"), test=read("t10k"), class_names=list(FASHION_MNIST_CLASSES))
+
+
+def _load_npz(spec: str, path: Path) -> Dataset:
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise RelicError(f"corrupt or unreadable npz file {path}: {e}") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise RelicError(f"{path}: missing keys {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
+
+    def split(x: np.ndarray, y: np.ndarray, name: str) -> Split:
+        if x.dtype != np.uint8 or x.ndim not in (3, 4):
+            raise RelicError(f"{path}: x_{name} must be uint8 (N, H, W[, C]), found {x.dtype} {x.shape}")
+        if len(x) != len(y):
+            raise RelicError(f"{path}: x_{name} has {len(x)} images but y_{name} has {len(y)} labels")
+        return Split(labels=y.astype(np.int64).reshape(-1), _images=_as_rgb(x))
+
+    train = split(arrays["x_train"], arrays["y_train"], "train")
+    test = split(arrays["x_test"], arrays["y_test"], "test")
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if "class_names" in arrays:
+        names = [str(n) for n in arrays["class_names"]]
+        if len(names) < num_classes:
+            raise RelicError(f"{path}: {len(names)} class_names but labels go up to {num_classes - 1}")
+    else:
+        names = [str(i) for i in range(num_classes)]
+    return Dataset(spec=spec, train=train, test=test, class_names=names)
+
+
+def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test) -> Dataset:
+    """Class sub-folders; `train/`, `val/`, `test/` splits when present, else a fixed 80/20 split."""
+    if not path.is_dir():
+        raise RelicError(f"{spec}: {path} is not a directory")
+    has_splits = (path / "train").is_dir() and (path / "test").is_dir()
+    roots = {"train": path / "train", "test": path / "test"} if has_splits else {"all": path}
+    if has_splits and (path / "val").is_dir():
+        roots["val"] = path / "val"
+    class_names = sorted(d.name for d in next(iter(roots.values())).iterdir() if d.is_dir())
+    if not class_names:
+        raise RelicError(f"{spec}: no class sub-folders in {next(iter(roots.values()))}")
+
+    def listing(root: Path) -> tuple[list[str], np.ndarray]:
+        files, labels = [], []
+        for label, name in enumerate(class_names):
+            class_dir = root / name
+            if not class_dir.is_dir():
+                continue
+            for f in sorted(class_dir.rglob("*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(str(f))
+                    labels.append(label)
+        return files, np.asarray(labels, np.int64)
+
+    lists = {name: listing(root) for name, root in roots.items()}
+    if not has_splits:
+        # Deterministic hold-out: every 5th image of each class goes to test.
+        files, labels = lists.pop("all")
+        rank = np.zeros(len(labels), int)
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            rank[idx] = np.arange(len(idx))
+        is_test = rank % 5 == 4
+        lists["train"] = ([f for f, t in zip(files, is_test) if not t], labels[~is_test])
+        lists["test"] = ([f for f, t in zip(files, is_test) if t], labels[is_test])
+    for name, limit in (("train", limit_train), ("test", limit_test)):
+        if limit is not None:
+            files, labels = lists[name]
+            lists[name] = (files[:limit], labels[:limit])
+
+    def lazy(files: list[str], labels: np.ndarray) -> Split:
+        return Split(labels=labels, files=files, _decode=lambda: _decode_files(files, image_size, skip_bad))
+
+    return Dataset(
+        spec=spec,
+        train=lazy(*lists["train"]),
+        test=lazy(*lists["test"]),
+        val=lazy(*lists["val"]) if "val" in lists else None,
+        class_names=class_names,
+    )
+
+
+def _decode_files(files: list[str], image_size: int | None, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
+    images, keep = [], []
+    for i, f in enumerate(files):
+        image = cv2.imread(f, cv2.IMREAD_COLOR)
+        if image is None:
+            if not skip_bad:
+                raise RelicError(f"unreadable image {f} (use --skip-bad to skip such files)")
+            continue
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        if image_size is not None:
+            image = resize_images(image[None], image_size)[0]
+        elif images and image.shape != images[0].shape:
+            raise RelicError(f"{f} is {image.shape[1]}x{image.shape[0]}, others are "
+                             f"{images[0].shape[1]}x{images[0].shape[0]}; pass --image-size to resize")
+        images.append(image)
+        keep.append(i)
+    if not images:
+        raise RelicError("no readable images")
+    return np.stack(images), np.asarray(keep, int)

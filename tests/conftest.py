@@ -1,0 +1,56 @@
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from relicv2_cli.cli import main
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def last_line(self) -> str:
+        return self.out.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `relicv2 ARGS...` in-process through the real entry point (error handling included)."""
+
+    def run(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["relicv2", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def cifar_dir() -> Path:
+    root = os.environ.get("RELICV2_DATA")
+    if not root:
+        pytest.skip("RELICV2_DATA is not set (CI sets it to ../shared/data)")
+    if not (Path(root) / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"no cifar-10-batches-py under RELICV2_DATA={root}")
+    return Path(root)
+
+
+FASHION_MNIST = Path(os.environ.get("RELICV2_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+@pytest.fixture
+def fashion_dir() -> Path:
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+    return FASHION_MNIST
