@@ -1,0 +1,330 @@
+"""Batched multi-crop views on tensors, with mask-aware background removal (method.md sections 1, 4).
+
+Everything runs on whole batches on the images' device: one `roi_align` call crops and resizes all
+boxes of a crop size, and every random choice is a per-sample tensor (probabilities become
+per-sample factors that are the identity when the op is not drawn), so there is no Python loop
+over images. All randomness comes from the caller's torch.Generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+
+
+@dataclass
+class AugmentPreset:
+    """One column of method.md section 4's table (probabilities and jitter strengths)."""
+
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 1.0
+    solarize_p: float = 0.0
+
+
+PRESET_A = AugmentPreset(blur_p=1.0, solarize_p=0.0)
+PRESET_B = AugmentPreset(blur_p=0.1, solarize_p=0.2)
+
+
+@dataclass
+class ViewConfig:
+    large_crops: int = 2
+    small_crops: int = 2
+    large_size: int = 32
+    small_size: int = 16
+    large_scale: tuple[float, float] = (0.08, 1.0)
+    small_scale: tuple[float, float] = (0.05, 0.14)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    mask_prob: float = 0.1
+    blur: bool = True  # False disables blur entirely (usual at 32 px)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    # Large crop i uses presets[i % 2] (A, B, A, B, ...); small crops use small_preset.
+    presets: tuple[AugmentPreset, ...] = field(default_factory=lambda: (PRESET_A, PRESET_B))
+    small_preset: AugmentPreset = field(default_factory=lambda: PRESET_B)
+
+
+@dataclass
+class Views:
+    large: list[torch.Tensor]  # L x (B, 3, large_size, large_size), float, normalised
+    small: list[torch.Tensor]  # S x (B, 3, small_size, small_size), float, normalised
+    masked: torch.Tensor  # (L, B) bool: which large views had their background removed
+
+
+def _rand(shape, generator: torch.Generator, device) -> torch.Tensor:
+    # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def sample_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+    device,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """(n, 4) boxes x1, y1, x2, y2 in pixel units, drawn like torchvision's RandomResizedCrop.
+
+    Area fraction U(scale), aspect ratio log-uniform in `ratio`, position uniform; the first of
+    `attempts` draws that fits is used, else torchvision's fallback (a centre crop, the whole image
+    with its aspect ratio clamped to `ratio`). Unlike torchvision, sizes and positions are not
+    rounded to whole pixels: roi_align samples at sub-pixel positions anyway.
+    """
+    area = height * width
+    u = _rand((3, n, attempts), generator, device)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(target_area * aspect)
+    h = torch.sqrt(target_area / aspect)
+    ok = (w <= width) & (h <= height)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt (0 if none)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    any_ok = ok.any(dim=1)
+
+    # Fallback, as torchvision: whole image, aspect ratio clamped into `ratio`, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = float(width), width / min(ratio)
+    elif in_ratio > max(ratio):
+        fw, fh = height * max(ratio), float(height)
+    else:
+        fw, fh = float(width), float(height)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    pos = _rand((2, n), generator, device)
+    x1 = torch.where(any_ok, pos[0] * (width - w), (width - w) / 2)
+    y1 = torch.where(any_ok, pos[1] * (height - h), (height - h) / 2)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+def crop_resize(
+    images: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Crop every box from images[batch_index] and resize it to size x size, in one roi_align call.
+
+    aligned=True puts pixel centres at i + 0.5, so the box (0, 0, W, H) at size W is the identity.
+    sampling_ratio=0 is adaptive: ceil(box side / size) bilinear samples per output pixel and axis,
+    averaged, so downscaling is antialiased (a box filter) and upscaling is plain bilinear.
+    """
+    rois = torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
+    return roi_align(
+        images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True
+    )
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    w = x.new_tensor(_GREY).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+# RGB <-> YIQ: hue is an angle in the (I, Q) chroma plane, Y (luma) stays fixed.
+_RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]]
+)
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+
+
+def _hue_matrices(hue: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) RGB matrices rotating chroma by hue * 2 pi about the grey axis (hue 0: identity).
+
+    A fast linear stand-in for torchvision's HSV hue shift (same range: hue in [-0.5, 0.5] is a full
+    turn); it is exact on the grey axis and close elsewhere, without an RGB->HSV round trip.
+    """
+    to_yiq, to_rgb = _RGB_TO_YIQ.to(hue.device), _YIQ_TO_RGB.to(hue.device)
+    theta = hue * 2 * math.pi
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # Built as I + to_rgb (R - I) to_yiq so that hue 0 gives exactly the identity (R - I = 0).
+    rot = torch.zeros(hue.shape[0], 3, 3, device=hue.device)
+    rot[:, 1, 1], rot[:, 1, 2] = cos - 1, -sin
+    rot[:, 2, 1], rot[:, 2, 2] = sin, cos - 1
+    return torch.eye(3, device=hue.device) + to_rgb @ rot @ to_yiq
+
+
+def _per_sample(presets: list[AugmentPreset], batch: int, name: str, device) -> torch.Tensor:
+    """One preset per group of `batch` consecutive samples -> a per-sample tensor of attribute `name`."""
+    values = torch.tensor([getattr(p, name) for p in presets], dtype=torch.float32, device=device)
+    return values.repeat_interleave(batch)
+
+
+def _coin(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return _rand(p.shape, generator, p.device) < p
+
+
+def _uniform_factor(strength: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """U(max(0, 1 - s), 1 + s), as torchvision's ColorJitter for brightness/contrast/saturation."""
+    low = (1 - strength).clamp(min=0)
+    return low + (1 + strength - low) * _rand(strength.shape, generator, strength.device)
+
+
+def blur_kernel_size(size: int) -> int:
+    """About 10% of the side, odd, at least 3 (23 at 224 px as in BYOL, 3 at 32 px)."""
+    k = max(3, int(0.1 * size))
+    return k if k % 2 == 1 else k + 1
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable per-sample gaussian blur with reflect padding, as one grouped conv per axis.
+
+    sigma (N,); samples with sigma 0 get a delta kernel (no blur) so the whole batch is one call.
+    """
+    n, c, h, w = x.shape
+    k = blur_kernel_size(h)
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
+    s = sigma.to(x.dtype).clamp(min=1e-6)[:, None]
+    kernel = torch.exp(-0.5 * (t[None] / s) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # sigma ~0 -> exactly the delta kernel
+    kernel = kernel.repeat_interleave(c, dim=0)  # (N*C, k): one filter per channel of each sample
+    y = x.reshape(1, n * c, h, w)
+    pad = k // 2
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kernel[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+def augment(
+    x: torch.Tensor, presets: list[AugmentPreset], generator: torch.Generator, blur: bool = True
+) -> torch.Tensor:
+    """Flip, colour jitter, greyscale, blur, solarise on x (len(presets) * B, 3, S, S) in [0, 1].
+
+    Consecutive groups of B samples use one preset each. Jitter ops run in one random order per
+    call (shared by the batch; torchvision draws one per image), each with per-sample factors.
+    """
+    n = x.shape[0]
+    batch = n // len(presets)
+    dev = x.device
+
+    def ps(name: str) -> torch.Tensor:
+        return _per_sample(presets, batch, name, dev)
+
+    def bcast(v: torch.Tensor) -> torch.Tensor:
+        return v.view(n, 1, 1, 1)
+
+    flip = _coin(ps("flip_p"), generator)
+    x = torch.where(bcast(flip), x.flip(-1), x)
+
+    # Colour jitter: identity factors (1, 1, 1, 0) for samples that do not draw it.
+    jitter = _coin(ps("jitter_p"), generator)
+    brightness = torch.where(jitter, _uniform_factor(ps("brightness"), generator), 1.0)
+    contrast = torch.where(jitter, _uniform_factor(ps("contrast"), generator), 1.0)
+    saturation = torch.where(jitter, _uniform_factor(ps("saturation"), generator), 1.0)
+    hue_strength = ps("hue")
+    hue = torch.where(jitter, (2 * _rand(n, generator, dev) - 1) * hue_strength, 0.0)
+    for op in torch.randperm(4, generator=generator, device=generator.device).tolist():
+        if op == 0:
+            x = (x * bcast(brightness)).clamp(0, 1)
+        elif op == 1:  # blend with the per-image mean grey level
+            mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+            x = (bcast(contrast) * x + (1 - bcast(contrast)) * mean).clamp(0, 1)
+        elif op == 2:  # blend with the greyscale image
+            x = (bcast(saturation) * x + (1 - bcast(saturation)) * _grey(x)).clamp(0, 1)
+        else:
+            x = torch.einsum("nij,njhw->nihw", _hue_matrices(hue).to(x.dtype), x).clamp(0, 1)
+
+    gray = _coin(ps("gray_p"), generator)
+    x = torch.where(bcast(gray), _grey(x).expand_as(x), x)
+
+    if blur:
+        do_blur = _coin(ps("blur_p"), generator)
+        sigma = 0.1 + 1.9 * _rand(n, generator, dev)
+        x = _gaussian_blur(x, torch.where(do_blur, sigma, 0.0))
+
+    solarize = _coin(ps("solarize_p"), generator)
+    x = torch.where(bcast(solarize) & (x >= 0.5), 1 - x, x)
+    return x
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = x.new_tensor(mean).view(1, 3, 1, 1)
+    s = x.new_tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def make_views(
+    images: torch.Tensor,
+    cfg: ViewConfig,
+    generator: torch.Generator,
+    masks: torch.Tensor | None = None,
+) -> Views:
+    """The multi-crop views of method.md section 1 for a uint8 batch (B, 3, H, W).
+
+    Large crop i: with probability cfg.mask_prob (per sample and per crop) the source is the full
+    image times its saliency mask (background black) BEFORE cropping; masks (B, H, W), nonzero =
+    foreground. Small crops are never masked. Large crop i uses cfg.presets[i % 2], small crops
+    cfg.small_preset. Returns normalised float views on the images' device.
+    """
+    b, _, h, w = images.shape
+    dev = images.device
+    x = images.float() / 255
+    L, S = cfg.large_crops, cfg.small_crops
+
+    masked = torch.zeros(L, b, dtype=torch.bool, device=dev)
+    source, offset = x, 0
+    if masks is not None and cfg.mask_prob > 0 and L > 0:
+        if masks.shape != (b, h, w):
+            raise ValueError(f"masks shape {tuple(masks.shape)} does not match images {(b, h, w)}")
+        masked = _rand((L, b), generator, dev) < cfg.mask_prob
+        # Crop from [images; masked images]: a masked sample just points its box at the second half.
+        source = torch.cat([x, x * (masks != 0).unsqueeze(1).to(x.dtype)])
+        offset = b
+
+    large: list[torch.Tensor] = []
+    if L > 0:
+        boxes = sample_boxes(L * b, h, w, cfg.large_scale, cfg.ratio, generator, dev)
+        index = torch.arange(b, device=dev).repeat(L) + offset * masked.reshape(-1).long()
+        crops = crop_resize(source, boxes, index, cfg.large_size)
+        presets = [cfg.presets[i % len(cfg.presets)] for i in range(L)]
+        crops = normalize(augment(crops, presets, generator, cfg.blur), cfg.mean, cfg.std)
+        large = list(crops.chunk(L))
+
+    small: list[torch.Tensor] = []
+    if S > 0:
+        boxes = sample_boxes(S * b, h, w, cfg.small_scale, cfg.ratio, generator, dev)
+        index = torch.arange(b, device=dev).repeat(S)
+        crops = crop_resize(x, boxes, index, cfg.small_size)
+        crops = normalize(augment(crops, [cfg.small_preset] * S, generator, cfg.blur), cfg.mean, cfg.std)
+        small = list(crops.chunk(S))
+    return Views(large=large, small=small, masked=masked)
+
+
+def center_view(
+    images: torch.Tensor,
+    size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    crop_fraction: float = 1.0,
+) -> torch.Tensor:
+    """Evaluation view of a uint8 batch (B, 3, H, W): normalised float (B, 3, size, size).
+
+    Images already size x size pass through unresized (no crop at 32 px). Otherwise the shorter side
+    is resized (antialiased bilinear) to size / crop_fraction and the centre size x size is kept;
+    crop_fraction=0.875 gives the usual ImageNet 256 -> 224 protocol, 1.0 only crops non-square images.
+    """
+    x = images.float() / 255
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        short = round(size / crop_fraction)
+        new_h, new_w = (
+            (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        )
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        x = x[..., top : top + size, left : left + size].clamp(0, 1)
+    return normalize(x, mean, std)

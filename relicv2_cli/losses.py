@@ -1,0 +1,127 @@
+"""RELICv2 and BYOL losses as pure functions (method.md sections 1-2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Stats = dict[str, torch.Tensor]
+
+
+def sample_negatives(
+    batch: int,
+    n_negatives: int,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    offset: int = 0,
+    pool: int | None = None,
+) -> torch.Tensor:
+    """(batch, n) indices into range(pool); row i holds n distinct indices, none equal to offset + i.
+
+    pool defaults to batch. With several processes pool is the all-gathered global batch and this
+    rank's anchors sit at offset..offset+batch. n = min(n_negatives, pool - 1): all others when
+    n_negatives asks for more. Uniform without replacement: the top-n of i.i.d. uniform scores.
+    """
+    pool = batch if pool is None else pool
+    n = max(0, min(n_negatives, pool - 1))
+    if n == 0:
+        return torch.empty(batch, 0, dtype=torch.long, device=device)
+    # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
+    gen_device = generator.device if generator is not None else torch.device(device)
+    scores = torch.rand(batch, pool, generator=generator, device=gen_device).to(device)
+    rows = torch.arange(batch, device=device)
+    scores[rows, rows + offset] = -1.0  # the positive can never be among the top n
+    return scores.topk(n, dim=1, sorted=False).indices
+
+
+def relic_loss(
+    online: torch.Tensor,
+    target: torch.Tensor,
+    n_negatives: int = 10,
+    tau: float = 0.2,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+    target_pool: torch.Tensor | None = None,
+    online_pool: torch.Tensor | None = None,
+    offset: int = 0,
+) -> tuple[torch.Tensor, Stats]:
+    """RELICv2 loss l(online, target, n_e), method.md section 2.
+
+    online a (B, D) and target b (B, D) are L2-normalised here. For anchor i the candidates are
+    C_i = {i} + N_i (positive first), N_i = n_negatives random other rows of the target pool.
+    p_i = softmax_j <a_i, b_j>/tau, q_i = softmax_j <b_i, a_j>/tau (roles swapped, stop-gradient).
+    loss = mean_i [alpha * (-log p_i[positive]) + beta * KL(p_i || q_i)].
+    target_pool / online_pool: all-gathered (global) embeddings to draw candidates from; this
+    rank's rows sit at offset..offset+B. Default: the local tensors.
+    """
+    # fp32 for the softmax whatever the autocast dtype; the target never gets a gradient.
+    a = F.normalize(online.float(), dim=1)
+    b = F.normalize(target.detach().float(), dim=1)
+    b_pool = b if target_pool is None else F.normalize(target_pool.detach().float(), dim=1)
+    a_pool = a.detach() if online_pool is None else F.normalize(online_pool.detach().float(), dim=1)
+    if a_pool.shape != b_pool.shape:
+        raise ValueError(f"online_pool {tuple(a_pool.shape)} and target_pool {tuple(b_pool.shape)} differ")
+
+    neg = sample_negatives(a.shape[0], n_negatives, generator, a.device, offset, b_pool.shape[0])
+    pos = (a * b).sum(1, keepdim=True) / tau  # <a_i, b_i>: shared by p and q
+    logits_p = torch.cat([pos, torch.einsum("bd,bkd->bk", a, b_pool[neg]) / tau], dim=1)
+    logits_q = torch.cat([pos.detach(), torch.einsum("bd,bkd->bk", b, a_pool[neg]) / tau], dim=1)
+
+    log_p = F.log_softmax(logits_p, dim=1)
+    log_q = F.log_softmax(logits_q, dim=1)  # detached: no gradient through the second view
+    contrastive = -log_p[:, 0]
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)
+    loss = (alpha * contrastive + beta * kl).mean()
+    return loss, {"contrastive": contrastive.mean().detach(), "kl": kl.mean().detach()}
+
+
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of 2 - 2 cos(p, z): BYOL's normalised MSE; the target is detached."""
+    p = F.normalize(prediction.float(), dim=1)
+    z = F.normalize(target.detach().float(), dim=1)
+    return (2.0 - 2.0 * (p * z).sum(1)).mean()
+
+
+def multicrop_loss(
+    pair_loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, Stats]],
+    online_large: Sequence[torch.Tensor],
+    online_small: Sequence[torch.Tensor],
+    target_large: Sequence[torch.Tensor],
+    include_same_view: bool,
+) -> tuple[torch.Tensor, Stats]:
+    """The paper's pair loop: every online view (large and small) against every large target view.
+
+    include_same_view=True (RELICv2) keeps the pairs i == j among large views: (L + S) * L pairs.
+    include_same_view=False (BYOL) drops them: L * (L - 1) + S * L pairs. Loss and stats are means
+    over pairs. Small views never have a target (method.md section 1).
+    """
+    pairs = [
+        (o, t)
+        for i, o in enumerate(online_large)
+        for j, t in enumerate(target_large)
+        if include_same_view or i != j
+    ]
+    pairs += [(o, t) for o in online_small for t in target_large]
+    if not pairs:
+        raise ValueError("multicrop_loss needs at least one (online, target) pair")
+    total: torch.Tensor | float = 0.0
+    stats: Stats = {}
+    for o, t in pairs:
+        loss, pair_stats = pair_loss_fn(o, t)
+        total = total + loss
+        for k, v in pair_stats.items():
+            stats[k] = stats.get(k, 0.0) + v
+    n = len(pairs)
+    return total / n, {k: v / n for k, v in stats.items()}
+
+
+@torch.no_grad()
+def embedding_std(z: torch.Tensor) -> float:
+    """Std over the batch of L2-normalised embeddings, averaged over dimensions.
+
+    Collapse monitor: about 1/sqrt(D) for spread-out embeddings, 0 when all rows are equal.
+    """
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean().item()
