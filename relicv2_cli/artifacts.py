@@ -253,7 +253,7 @@ class Staging:
             "schema": SCHEMA,
             "kind": self.kind,
             "name": self.name,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "tool": {"version": __version__, "git": _git_revision()},
             "command": command if command is not None else sys.argv,
             "config": _jsonable(config),

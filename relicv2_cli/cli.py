@@ -146,30 +146,25 @@ def artifacts_lineage(art: Annotated[Path, typer.Argument(help="Artifact directo
     typer.echo(_table_text(root))
 
 
+from relicv2_cli.stages import pretrain as pretrain_stage  # noqa: E402
+
+app.command("pretrain")(pretrain_stage.command)
+
+
 def main() -> None:
-    """Entry point: one-line errors and a non-zero exit on bad input; tracebacks only with --debug."""
+    """Entry point: one-line errors and a non-zero exit on bad input; tracebacks only with --debug.
+
+    Typer's standalone mode handles usage errors, --help and typer.Exit; our own errors surface here.
+    """
     debug = "--debug" in sys.argv or os.environ.get("RELICV2_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        app()
     except RelicError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # noqa: BLE001  (click usage errors are handled below)
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001  a bug: still one line unless --debug
         if debug:
             raise
         print(f"error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)

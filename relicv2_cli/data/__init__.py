@@ -346,8 +346,8 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
             idx = np.flatnonzero(labels == c)
             rank[idx] = np.arange(len(idx))
         is_test = rank % 5 == 4
-        lists["train"] = ([f for f, t in zip(files, is_test) if not t], labels[~is_test])
-        lists["test"] = ([f for f, t in zip(files, is_test) if t], labels[is_test])
+        lists["train"] = ([f for f, t in zip(files, is_test, strict=True) if not t], labels[~is_test])
+        lists["test"] = ([f for f, t in zip(files, is_test, strict=True) if t], labels[is_test])
     for name, limit in (("train", limit_train), ("test", limit_test)):
         if limit is not None:
             files, labels = lists[name]

@@ -1,0 +1,82 @@
+"""Frozen-encoder embedding of uint8 images and the weighted kNN classifier used by SSL papers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from relicv2_cli.augment import center_view
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CPU (AMX) and CUDA; a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def encode_images(
+    encoder: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    image_size: int,
+    device: torch.device,
+    precision: str = "bf16",
+    batch_size: int = 512,
+    progress=None,
+) -> torch.Tensor:
+    """Pooled features (N, D) float32 on CPU of uint8 images (N, H, W, 3) or (N, 3, H, W), centre
+    view, BN in eval mode. The encoder's train/eval mode is restored afterwards."""
+    was_training = encoder.training
+    encoder.eval()
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    out = []
+    task = progress.add_task("embedding", total=len(images), info="") if progress is not None else None
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(device, non_blocking=True)
+        with autocast(device, precision):
+            features = encoder(center_view(batch, image_size))
+        out.append(features.float().cpu())
+        if task is not None:
+            progress.advance(task, len(batch))
+    if task is not None:
+        progress.remove_task(task)
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def weighted_knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (N_test, C) of the weighted kNN of InstDisc/DINO: cosine similarity, the k nearest
+    training points vote for their class with weight exp(sim / temperature)."""
+    train = F.normalize(train_features.float(), dim=1)
+    labels = train_labels.long()
+    k = min(k, len(train))
+    scores = []
+    for start in range(0, len(test_features), chunk):
+        test = F.normalize(test_features[start : start + chunk].float(), dim=1)
+        sim, idx = (test @ train.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        votes = torch.zeros(len(test), num_classes)
+        votes.scatter_add_(1, labels[idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07) -> float:
+    scores = weighted_knn_predict(train_features, torch.as_tensor(train_labels), test_features, num_classes, k, temperature)
+    return (scores.argmax(1) == torch.as_tensor(test_labels)).float().mean().item()
