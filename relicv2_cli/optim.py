@@ -90,6 +90,7 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     momentum: float = 0.9,
+    lars_eta: float = 1e-3,
 ) -> torch.optim.Optimizer:
     """lars | sgd | adamw. A module or a list of tensors is split with `param_groups`' rule (so SGD
     and AdamW also skip decay on biases and norm parameters); a list of group dicts is used as is."""
@@ -102,7 +103,7 @@ def build_optimizer(
         groups = items if items and isinstance(items[0], dict) else _split(items, weight_decay)
     groups = [g for g in groups if len(g["params"]) > 0]
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
