@@ -150,6 +150,10 @@ from relicv2_cli.stages import pretrain as pretrain_stage  # noqa: E402
 
 app.command("pretrain")(pretrain_stage.command)
 
+from relicv2_cli.stages import saliency as saliency_stage  # noqa: E402
+
+app.command("saliency")(saliency_stage.command)
+
 
 def main() -> None:
     """Entry point: one-line errors and a non-zero exit on bad input; tracebacks only with --debug.
