@@ -47,7 +47,7 @@ METRICS = "metrics.jsonl"
 PRESETS = {
     "imagenet-1000ep": dict(
         arch="resnet50", stem="imagenet", width=1.0, batch_size=4096, epochs=1000.0, optimizer="lars",
-        lr=0.3, weight_decay=1.5e-6, warmup_epochs=10.0, ema_base=0.996, proj_hidden=4096, proj_dim=256,
+        lr=0.3, lars_eta=1e-3, weight_decay=1.5e-6, warmup_epochs=10.0, ema_base=0.996, proj_hidden=4096, proj_dim=256,
         large_size=224, small_size=96, large_crops=2, small_crops=6, blur=True, mask_prob=0.1,
     ),
 }
@@ -85,6 +85,7 @@ class PretrainConfig:
     epochs: float = 100.0
     max_steps: int | None = None
     lr: float = 1.0
+    lars_eta: float = 0.02
     weight_decay: float = 1e-5
     warmup_epochs: float = 10.0
     ema_base: float = 0.99
@@ -166,7 +167,7 @@ def run_pretrain(
     if dev.type == "cuda":
         online, probe = online.to(memory_format=torch.channels_last), probe
         target = target.to(memory_format=torch.channels_last) if target is not None else None
-    optimizer = build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay, lars_eta=cfg.lars_eta)
     probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
 
     config = {**asdict(cfg), "image_size": height, "steps_per_epoch": steps_per_epoch,
@@ -393,30 +394,31 @@ def command(
     arch: options.Arch = "resnet18",
     width: options.Width = 1.0,
     stem: options.Stem = "cifar",
-    proj_hidden: Annotated[int, typer.Option(help="Projector/predictor hidden size [byol: 4096].")] = 4096,
-    proj_dim: Annotated[int, typer.Option(help="Projector/predictor output size [byol: 256].")] = 256,
-    predictor: Annotated[bool, typer.Option(help="Use a predictor on the online side [choice, BYOL-style].")] = True,
-    large_crops: Annotated[int, typer.Option(help="L, large crops per image (online and target) [choice].")] = 2,
-    small_crops: Annotated[int, typer.Option(help="S, small crops per image (online only, never masked) [choice].")] = 2,
-    large_size: Annotated[int, typer.Option(help="Side of large crops in pixels (paper: 224) [choice for CIFAR: 32].")] = 32,
-    small_size: Annotated[int, typer.Option(help="Side of small crops in pixels (paper: 96) [choice for CIFAR: 16].")] = 16,
-    large_scale_min: Annotated[float, typer.Option(help="Smallest area fraction of a large crop [byol: 0.08].")] = 0.08,
-    small_scale_min: Annotated[float, typer.Option(help="Smallest area fraction of a small crop [choice].")] = 0.05,
-    small_scale_max: Annotated[float, typer.Option(help="Largest area fraction of a small crop [choice].")] = 0.14,
-    mask_prob: Annotated[float, typer.Option(help="p_m, probability that a large crop comes from the background-removed image [choice, paper ~0.1].")] = 0.1,
-    blur: Annotated[bool, typer.Option(help="Gaussian blur in the views (off by default: at 32 px it destroys the image) [byol: on at 224 px].")] = False,
-    n_negatives: Annotated[int, typer.Option(help="n_e, random negatives per anchor [choice].")] = 10,
-    tau: Annotated[float, typer.Option(help="Temperature of the similarity softmax [choice].")] = 0.2,
-    alpha: Annotated[float, typer.Option(help="Weight of the contrastive term [choice].")] = 1.0,
-    beta: Annotated[float, typer.Option(help="Weight of the KL invariance term [choice].")] = 1.0,
-    optimizer: Annotated[str, typer.Option(help="lars, sgd or adamw [byol: lars].")] = "lars",
+    proj_hidden: Annotated[int, typer.Option(help="Projector/predictor hidden size (byol: 4096).")] = 4096,
+    proj_dim: Annotated[int, typer.Option(help="Projector/predictor output size (byol: 256).")] = 256,
+    predictor: Annotated[bool, typer.Option(help="Use a predictor on the online side (choice, BYOL-style).")] = True,
+    large_crops: Annotated[int, typer.Option(help="L, large crops per image (online and target) (choice).")] = 2,
+    small_crops: Annotated[int, typer.Option(help="S, small crops per image (online only, never masked) (choice).")] = 2,
+    large_size: Annotated[int, typer.Option(help="Side of large crops in pixels (paper: 224) (choice for CIFAR: 32).")] = 32,
+    small_size: Annotated[int, typer.Option(help="Side of small crops in pixels (paper: 96) (choice for CIFAR: 16).")] = 16,
+    large_scale_min: Annotated[float, typer.Option(help="Smallest area fraction of a large crop (byol: 0.08).")] = 0.08,
+    small_scale_min: Annotated[float, typer.Option(help="Smallest area fraction of a small crop (choice).")] = 0.05,
+    small_scale_max: Annotated[float, typer.Option(help="Largest area fraction of a small crop (choice).")] = 0.14,
+    mask_prob: Annotated[float, typer.Option(help="p_m, probability that a large crop comes from the background-removed image (choice, paper ~0.1).")] = 0.1,
+    blur: Annotated[bool, typer.Option(help="Gaussian blur in the views (off by default: at 32 px it destroys the image) (byol: on at 224 px).")] = False,
+    n_negatives: Annotated[int, typer.Option(help="n_e, random negatives per anchor (choice).")] = 10,
+    tau: Annotated[float, typer.Option(help="Temperature of the similarity softmax (choice).")] = 0.2,
+    alpha: Annotated[float, typer.Option(help="Weight of the contrastive term (choice).")] = 1.0,
+    beta: Annotated[float, typer.Option(help="Weight of the KL invariance term (choice).")] = 1.0,
+    optimizer: Annotated[str, typer.Option(help="lars, sgd or adamw (byol: lars).")] = "lars",
     batch_size: options.BatchSize = 256,
     epochs: options.Epochs = 100.0,
     max_steps: options.MaxSteps = None,
-    lr: Annotated[float, typer.Option(help="Base learning rate; lars/sgd use lr * batch / 256, adamw uses it as is [choice for CIFAR: 1.0; paper 0.2-0.3].")] = 1.0,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norm parameters) [choice for CIFAR: 1e-5; paper 1.5e-6].")] = 1e-5,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up epochs before the cosine decay [byol: 10].")] = 10.0,
-    ema_base: Annotated[float, typer.Option(help="gamma_base of the target EMA, rises to 1 by a cosine [0.99 short runs; paper 0.996].")] = 0.99,
+    lr: Annotated[float, typer.Option(help="Base learning rate; lars/sgd use lr * batch / 256, adamw uses it as is (choice for CIFAR: 1.0; paper 0.2-0.3).")] = 1.0,
+    lars_eta: Annotated[float, typer.Option(help="LARS trust coefficient (choice for small data: 0.02, as solo-learn's CIFAR recipes; byol/paper: 1e-3).")] = 0.02,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norm parameters) (choice for CIFAR: 1e-5; paper 1.5e-6).")] = 1e-5,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up epochs before the cosine decay (byol: 10).")] = 10.0,
+    ema_base: Annotated[float, typer.Option(help="gamma_base of the target EMA, rises to 1 by a cosine (0.99 short runs; paper 0.996).")] = 0.99,
     precision: options.Precision = "bf16",
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (a resumed run then ends with the same weights).")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (also at the end and on SIGTERM/SIGINT).")] = 500,
