@@ -293,18 +293,17 @@ def _jsonable(value: Any) -> Any:
 
 
 def list_artifacts(workdir: Path) -> list[Artifact | tuple[Path, str]]:
-    """Every artifact under WORKDIR/KIND/NAME; unreadable ones come back as (path, problem)."""
+    """Every artifact below WORKDIR (any depth, e.g. runs/demo/pretrain/x), skipping staging and
+    hidden directories; unreadable ones come back as (path, problem)."""
     found: list[Artifact | tuple[Path, str]] = []
-    for kind_dir in sorted(Path(workdir).glob("*")):
-        if not kind_dir.is_dir():
+    for manifest in sorted(Path(workdir).rglob(MANIFEST)):
+        art_dir = manifest.parent
+        if any(part.startswith(".") for part in art_dir.relative_to(workdir).parts):
             continue
-        for art_dir in sorted(kind_dir.iterdir()):
-            if art_dir.name.startswith(".") or not art_dir.is_dir():
-                continue
-            try:
-                found.append(load_artifact(art_dir))
-            except RelicError as e:
-                found.append((art_dir, str(e)))
+        try:
+            found.append(load_artifact(art_dir))
+        except RelicError as e:
+            found.append((art_dir, str(e)))
     return found
 
 
