@@ -80,7 +80,7 @@ def data_info(
 def _table_text(table: Table) -> str:
     """Render a table as plain text for stdout (data info is read by people and scripts alike)."""
     buffer = io.StringIO()
-    Console(width=120, color_system=None, file=buffer).print(table)
+    Console(width=160, color_system=None, file=buffer).print(table)
     return buffer.getvalue().rstrip()
 
 
@@ -91,16 +91,16 @@ def artifacts_ls(workdir: Annotated[Path | None, typer.Argument(help="Artifact r
     if not workdir.is_dir():
         raise RelicError(f"no artifact folder {workdir}")
     table = Table(title=str(workdir))
-    for column in ("kind", "name", "created", "dataset", "metrics"):
+    for column in ("kind", "path", "created", "dataset", "metrics"):
         table.add_column(column)
     for entry in artifacts.list_artifacts(workdir):
         if isinstance(entry, tuple):
             path, problem = entry
-            table.add_row(path.parent.name, path.name, "", "", f"[red]{problem}")
+            table.add_row("?", str(path.relative_to(workdir)), "", "", f"[red]{problem}")
             continue
         metrics = ", ".join(f"{k}={_short(v)}" for k, v in list(entry.metrics.items())[:4] if not isinstance(v, (dict, list)))
         dataset = (entry.manifest.get("dataset") or {}).get("spec", "")
-        table.add_row(entry.kind, entry.name, entry.manifest["created"], dataset, metrics)
+        table.add_row(entry.kind, str(entry.path.relative_to(workdir)), entry.manifest["created"], dataset, metrics)
     typer.echo(_table_text(table))
 
 
@@ -153,6 +153,30 @@ app.command("pretrain")(pretrain_stage.command)
 from relicv2_cli.stages import saliency as saliency_stage  # noqa: E402
 
 app.command("saliency")(saliency_stage.command)
+
+from relicv2_cli.stages import features as features_stage  # noqa: E402
+from relicv2_cli.stages import linear as linear_stage  # noqa: E402
+from relicv2_cli.stages import semi as semi_stage  # noqa: E402
+from relicv2_cli.stages import transfer as transfer_stage  # noqa: E402
+
+eval_app = typer.Typer(help="Evaluate encoders: linear probe, semi-supervised fine-tuning, transfer.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+eval_app.command("features")(features_stage.command)
+eval_app.command("linear")(linear_stage.command)
+eval_app.command("semi")(semi_stage.command)
+eval_app.command("transfer")(transfer_stage.command)
+
+from relicv2_cli import report as report_module  # noqa: E402
+from relicv2_cli.stages import neighbors as neighbors_stage  # noqa: E402
+from relicv2_cli.stages import ratios as ratios_stage  # noqa: E402
+
+analyze_app = typer.Typer(help="Analyse representations: nearest neighbours and linear discriminant ratios.",
+                          no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+analyze_app.command("neighbors")(neighbors_stage.command)
+analyze_app.command("ratios")(ratios_stage.command)
+app.command("report")(report_module.command)
 
 
 def main() -> None:
