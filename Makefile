@@ -38,8 +38,8 @@ DATA  := synthetic --limit-train 2000 --limit-test 500
 NET   := --arch resnet18 --width 0.25 --stem cifar
 TRAIN := $(NET) --proj-hidden 512 --proj-dim 128 --batch-size 128 --epochs 6 --warmup-epochs 1 \
          --optimizer adamw --lr 2e-3 --weight-decay 1e-4 --eval-every 0
-RUN   := $(RELICV2) --quiet
-W     := --workdir $(DEMO) --force
+RUN   := $(RELICV2)
+W     := --workdir $(DEMO) --force --quiet
 ENCODERS := $(DEMO)/pretrain/relicv2 $(DEMO)/pretrain/byol $(DEMO)/pretrain/supervised
 
 demo: $(STAMP) $(DEMO)/linear/random/manifest.json $(DEMO)/semi/relicv2/manifest.json \

@@ -15,17 +15,6 @@ from relicv2_cli.models import (
     make_target,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tiny forward passes are all OpenMP overhead: on a shared 2-core machine a second thread
-    # that is descheduled makes every op wait (measured 10x slower), so run them single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 DEPTHS = {
     "resnet18": [2, 2, 2, 2],
     "resnet34": [3, 4, 6, 3],

@@ -18,15 +18,6 @@ TINY = dict(spec="synthetic", limit_train=64, limit_test=32, arch="resnet18", wi
             proj_dim=32, batch_size=16, epochs=2.0, warmup_epochs=0.5, log_every=1, eval_every=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two-thread torch on a shared 2-core box slows small ops by 10x; one thread is faster and deterministic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def records(art):
     return [json.loads(line) for line in (art.path / "metrics.jsonl").read_text().splitlines()]
 
