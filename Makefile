@@ -32,18 +32,19 @@ clean:
 	rm -rf runs/demo .pytest_cache .ruff_cache build *.egg-info
 
 # ---- demo: the whole pipeline on the embedded synthetic dataset --------------------------------
-# Small on purpose (2,000 training images, a few epochs of a quarter-width ResNet-18): it shows every
-# stage working together in a few CPU minutes, not the method's accuracy (see docs/ for that).
-DATA  := synthetic --limit-train 2000 --limit-test 500
+# Small on purpose (1,000 training images at 24 px, 3 epochs of a quarter-width ResNet-18): it shows
+# every stage working together in a few CPU minutes, not the method's accuracy (see docs/ for that).
+DATA  := synthetic --limit-train 1000 --limit-test 300 --image-size 24
 NET   := --arch resnet18 --width 0.25 --stem cifar
-TRAIN := $(NET) --proj-hidden 512 --proj-dim 128 --batch-size 128 --epochs 6 --warmup-epochs 1 \
+TRAIN := $(NET) --large-size 24 --small-size 12 --proj-hidden 512 --proj-dim 128 --batch-size 128 --epochs 3 --warmup-epochs 1 \
          --optimizer adamw --lr 2e-3 --weight-decay 1e-4 --eval-every 0
 RUN   := $(RELICV2)
 W     := --workdir $(DEMO) --force --quiet
 ENCODERS := $(DEMO)/pretrain/relicv2 $(DEMO)/pretrain/byol $(DEMO)/pretrain/supervised
 
 demo: $(STAMP) $(DEMO)/linear/random/manifest.json $(DEMO)/semi/relicv2/manifest.json \
-      $(DEMO)/transfer/demo/manifest.json
+      $(DEMO)/transfer/demo/manifest.json $(DEMO)/neighbors/demo/manifest.json $(DEMO)/ratios/demo/manifest.json
+	@$(RELICV2) report $(DEMO)
 	@$(RELICV2) artifacts ls $(DEMO)
 	@echo "demo artifacts under $(DEMO)/ (relicv2 artifacts lineage $(DEMO)/linear/relicv2 shows the chain)"
 
@@ -63,7 +64,13 @@ $(DEMO)/linear/random/manifest.json: $(foreach e,relicv2 byol supervised,$(DEMO)
 	$(RUN) eval linear random:resnet18 $(DATA) $(NET) $(W) --name random
 
 $(DEMO)/semi/relicv2/manifest.json: $(DEMO)/pretrain/relicv2/manifest.json
-	$(RUN) eval semi $(DEMO)/pretrain/relicv2 $(DATA) --fraction 0.1 --epochs 3 $(W) --name relicv2
+	$(RUN) eval semi $(DEMO)/pretrain/relicv2 $(DATA) --fraction 0.1 --epochs 2 $(W) --name relicv2
 
 $(DEMO)/transfer/demo/manifest.json: $(ENCODERS:%=%/manifest.json)
-	$(RUN) eval transfer $(ENCODERS) synthetic --limit-train 1000 --limit-test 300 --image-size 24 $(W) --name demo
+	$(RUN) eval transfer $(ENCODERS) synthetic --seed 1 --limit-train 500 --limit-test 200 --image-size 24 $(W) --name demo
+
+$(DEMO)/neighbors/demo/manifest.json: $(ENCODERS:%=%/manifest.json)
+	$(RUN) analyze neighbors $(ENCODERS) $(DATA) --per-class 20 $(W) --name demo
+
+$(DEMO)/ratios/demo/manifest.json: $(ENCODERS:%=%/manifest.json)
+	$(RUN) analyze ratios $(ENCODERS) $(DATA) $(W) --name demo

@@ -17,12 +17,16 @@ def sample_negatives(
     device: torch.device | str,
     offset: int = 0,
     pool: int | None = None,
+    global_rows: bool = False,
 ) -> torch.Tensor:
     """(batch, n) indices into range(pool); row i holds n distinct indices, none equal to offset + i.
 
     pool defaults to batch. With several processes pool is the all-gathered global batch and this
     rank's anchors sit at offset..offset+batch. n = min(n_negatives, pool - 1): all others when
     n_negatives asks for more. Uniform without replacement: the top-n of i.i.d. uniform scores.
+    global_rows: draw the scores of every anchor of the pool (pool x pool) and keep rows
+    offset..offset+batch, so that each process picks exactly the negatives one process holding the
+    whole batch would pick from the same generator (costs pool^2 draws instead of batch * pool).
     """
     pool = batch if pool is None else pool
     n = max(0, min(n_negatives, pool - 1))
@@ -30,7 +34,10 @@ def sample_negatives(
         return torch.empty(batch, 0, dtype=torch.long, device=device)
     # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
     gen_device = generator.device if generator is not None else torch.device(device)
-    scores = torch.rand(batch, pool, generator=generator, device=gen_device).to(device)
+    if global_rows:
+        scores = torch.rand(pool, pool, generator=generator, device=gen_device)[offset : offset + batch].to(device)
+    else:
+        scores = torch.rand(batch, pool, generator=generator, device=gen_device).to(device)
     rows = torch.arange(batch, device=device)
     scores[rows, rows + offset] = -1.0  # the positive can never be among the top n
     return scores.topk(n, dim=1, sorted=False).indices
@@ -47,6 +54,7 @@ def relic_loss(
     target_pool: torch.Tensor | None = None,
     online_pool: torch.Tensor | None = None,
     offset: int = 0,
+    global_rows: bool = False,
 ) -> tuple[torch.Tensor, Stats]:
     """RELICv2 loss l(online, target, n_e), method.md section 2.
 
@@ -55,7 +63,7 @@ def relic_loss(
     p_i = softmax_j <a_i, b_j>/tau, q_i = softmax_j <b_i, a_j>/tau (roles swapped, stop-gradient).
     loss = mean_i [alpha * (-log p_i[positive]) + beta * KL(p_i || q_i)].
     target_pool / online_pool: all-gathered (global) embeddings to draw candidates from; this
-    rank's rows sit at offset..offset+B. Default: the local tensors.
+    rank's rows sit at offset..offset+B. Default: the local tensors. global_rows: see sample_negatives.
     """
     # fp32 for the softmax whatever the autocast dtype; the target never gets a gradient.
     a = F.normalize(online.float(), dim=1)
@@ -65,7 +73,7 @@ def relic_loss(
     if a_pool.shape != b_pool.shape:
         raise ValueError(f"online_pool {tuple(a_pool.shape)} and target_pool {tuple(b_pool.shape)} differ")
 
-    neg = sample_negatives(a.shape[0], n_negatives, generator, a.device, offset, b_pool.shape[0])
+    neg = sample_negatives(a.shape[0], n_negatives, generator, a.device, offset, b_pool.shape[0], global_rows)
     pos = (a * b).sum(1, keepdim=True) / tau  # <a_i, b_i>: shared by p and q
     logits_p = torch.cat([pos, torch.einsum("bd,bkd->bk", a, b_pool[neg]) / tau], dim=1)
     logits_q = torch.cat([pos.detach(), torch.einsum("bd,bkd->bk", b, a_pool[neg]) / tau], dim=1)

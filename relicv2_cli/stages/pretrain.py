@@ -28,7 +28,7 @@ import typer
 from safetensors.torch import save_file
 from torch import nn
 
-from relicv2_cli import artifacts, options
+from relicv2_cli import artifacts, distributed, options
 from relicv2_cli.augment import ViewConfig, make_views
 from relicv2_cli.data import load_dataset
 from relicv2_cli.errors import RelicError
@@ -106,6 +106,7 @@ class PretrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+@distributed.entry_point
 def run_pretrain(
     cfg: PretrainConfig,
     *,
@@ -116,11 +117,17 @@ def run_pretrain(
     resume: bool = False,
     quiet: bool = False,
     step_callback=None,
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
+    dist_sampling: str = "local",
 ) -> artifacts.Artifact:
     """Train and commit a `pretrain` artifact. `step_callback(step)` runs after every optimizer step
-    (tests use it to send SIGTERM at a chosen step)."""
+    (tests use it to send SIGTERM at a chosen step). Under torchrun (RANK/WORLD_SIZE set) the run is
+    data-parallel over the processes, cfg.batch_size being the global batch (relicv2_cli.distributed)."""
     _check_config(cfg)
     dev = options.resolve_device(device)
+    ddp = distributed.setup(dev, dist_timeout, dist_sampling)  # identity context on one process
+    dev = ddp.device
+    ddp.check_batch(cfg.batch_size)
     if cfg.precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RelicError("this GPU does not support bf16; use --precision fp32")
     if cfg.deterministic:
@@ -164,17 +171,21 @@ def run_pretrain(
         online.projector = nn.Linear(online.encoder.feature_dim, dataset.num_classes).to(dev)
     target = make_target(online).to(dev) if cfg.method != "supervised" else None
     probe = nn.Linear(online.encoder.feature_dim, dataset.num_classes).to(dev)
+    online, target = ddp.sync_batchnorm(online), ddp.sync_batchnorm(target)  # BN over the global batch
     if dev.type == "cuda":
         online, probe = online.to(memory_format=torch.channels_last), probe
         target = target.to(memory_format=torch.channels_last) if target is not None else None
     optimizer = build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay, lars_eta=cfg.lars_eta)
     probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
+    train_online, train_probe = ddp.wrap(online), ddp.wrap(probe)  # DistributedDataParallel on several processes
 
     config = {**asdict(cfg), "image_size": height, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps, "warmup_steps": warmup_steps, "base_lr_scaled": base_lr,
               "feature_dim": online.encoder.feature_dim, "num_classes": dataset.num_classes,
               "class_names": dataset.class_names}
-    staging = artifacts.Staging(workdir, "pretrain", name, force=force, resume=resume, resumable=True)
+    config["extra"] = {**config["extra"], **ddp.record()}  # world size: not compared on --resume
+    # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
+    staging, resume = ddp.open_staging(workdir, "pretrain", name, force=force, resume=resume)
     with staging:
         step = 0
         checkpoint_path = staging.dir / CHECKPOINT
@@ -195,9 +206,12 @@ def run_pretrain(
             optimizer.load_state_dict(state["optimizer"])
             probe_optimizer.load_state_dict(state["probe_optimizer"])
             step = state["step"]
-            _truncate_metrics(staging.dir / METRICS, step)
+            if ddp.is_main:
+                _truncate_metrics(staging.dir / METRICS, step)
 
         def save_checkpoint() -> None:
+            if not ddp.is_main:  # rank 0 alone writes; every rank holds the same weights
+                return
             state = {"step": step, "online": online.state_dict(), "probe": probe.state_dict(),
                      "target": target.state_dict() if target is not None else {},
                      "optimizer": optimizer.state_dict(), "probe_optimizer": probe_optimizer.state_dict(),
@@ -209,28 +223,33 @@ def run_pretrain(
             os.replace(tmp, checkpoint_path)  # the previous checkpoint stays whole until this rename
 
         stop_signal: list[int] = []
-        handlers = {sig: signal.signal(sig, lambda s, _f: stop_signal.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
-        log = open(staging.dir / METRICS, "a")
+        received = ddp.signal_list(stop_signal)  # merged into stop_signal on every process by ddp.sync_stop
+        handlers = {sig: signal.signal(sig, lambda s, _f: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+        log = open(staging.dir / METRICS if ddp.is_main else os.devnull, "a")
         last_eval: dict = {}
         t_start = time.perf_counter()
         try:
-            with options.progress_bar(quiet) as progress:
+            with options.progress_bar(quiet or not ddp.is_main) as progress:
                 task = progress.add_task(f"{cfg.method} {name}", total=last_step, completed=step, info="")
                 while step < last_step and not stop_signal:
                     t0 = time.perf_counter()
                     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
                     batch_idx = _batch_indices(step, steps_per_epoch, n_train, cfg.batch_size, cfg.seed).to(dev)
-                    batch = images[batch_idx]
-                    views = make_views(batch, view_cfg, generator, masks[batch_idx] if masks is not None else None)
+                    # Several processes: this rank's share of the batch and, per --dist-sampling, its generator.
+                    generator, view_idx, batch_idx = ddp.split_batch(generator, batch_idx)
+                    batch = images[view_idx]
+                    views = ddp.local_views(make_views(batch, view_cfg, generator, masks[view_idx] if masks is not None else None))
                     lr = lr_at(step, total_steps, base_lr, warmup_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     rate = ema_rate(step, total_steps, cfg.ema_base)
                     t_data = time.perf_counter()
-                    loss, stats, features, embeddings = _loss(cfg, online, target, views, labels[batch_idx], generator, dev)
-                    if not torch.isfinite(loss):
+                    loss, stats, features, embeddings = _loss(cfg, train_online, target, views, labels[batch_idx],
+                                                              generator, dev, pool=ddp.pools)
+                    loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and NaN check agree
+                    if not torch.isfinite(loss_value):
                         raise RelicError(
-                            f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint is kept in "
+                            f"loss became {loss_value.item()} at step {step}; stopped. The last good checkpoint is kept in "
                             f"{staging.dir} (--resume continues from it); try a lower --lr or --precision fp32"
                         )
                     optimizer.zero_grad(set_to_none=True)
@@ -238,26 +257,26 @@ def run_pretrain(
                     optimizer.step()
                     if target is not None:
                         ema_update(target, online, rate)
-                    probe_loss, probe_acc = _probe_step(probe, probe_optimizer, features, labels[batch_idx].repeat(cfg.large_crops))
+                    probe_loss, probe_acc = _probe_step(train_probe, probe_optimizer, features, labels[batch_idx].repeat(cfg.large_crops))
                     step += 1
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     t_end = time.perf_counter()
                     if step % cfg.log_every == 0 or step == last_step or step == 1:
-                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss.item(),
+                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value.item(),
                                   **{k: float(v) for k, v in stats.items()}, "lr": lr, "ema_rate": rate,
                                   "embedding_std": embedding_std(embeddings), "probe_loss": probe_loss,
                                   "probe_train_top1": probe_acc, "images_per_s": cfg.batch_size / (t_end - t0),
                                   "data_fraction": (t_data - t0) / (t_end - t0)}
                         if eval_every and (step % eval_every == 0) or step == last_step:
-                            last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress)
+                            last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress, ddp.encode(encode_images))
                             record.update(last_eval)
                         log.write(json.dumps(record) + "\n")
                         log.flush()
                         progress.update(task, info=f"loss {record['loss']:.3f}" + (
                             f" knn {last_eval['knn_top1']:.3f}" if last_eval else ""))
                     elif eval_every and step % eval_every == 0:
-                        last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress)
+                        last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress, ddp.encode(encode_images))
                         log.write(json.dumps({"step": step, **last_eval}) + "\n")
                         log.flush()
                     progress.update(task, completed=step)
@@ -265,17 +284,21 @@ def run_pretrain(
                         save_checkpoint()
                     if step_callback is not None:
                         step_callback(step)
+                    ddp.sync_stop(received, stop_signal)  # a signal on any process stops all after this step
         finally:
             log.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
         save_checkpoint()
+        ddp.barrier()  # the others wait for rank 0's checkpoint (torchrun stops everyone once one exits)
         if stop_signal:
             sig = stop_signal[0]
             options.console.print(f"stopped by {signal.Signals(sig).name} at step {step}/{last_step}; "
                                   f"checkpoint saved in {staging.dir}; continue with --resume")
             raise typer.Exit(128 + sig)
 
+        if not ddp.is_main:
+            return staging.commit()  # waits for rank 0's commit, then opens the artifact it wrote
         encoder_state = {k: v.detach().cpu().contiguous() for k, v in online.encoder.state_dict().items()}
         save_file(encoder_state, str(staging.dir / "backbone.safetensors"),
                   metadata={"arch": cfg.arch, "width": str(cfg.width), "stem": cfg.stem})
@@ -318,9 +341,10 @@ def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: in
     return perm[within * batch : (within + 1) * batch]
 
 
-def _loss(cfg, online, target, views, labels, generator, dev):
+def _loss(cfg, online, target, views, labels, generator, dev, pool=None):
     """The method's loss for one batch of views; returns (loss, stats, online large-view features
-    for the probe, embeddings for the collapse monitor)."""
+    for the probe, embeddings for the collapse monitor). `pool(online, target)`: extra relic_loss
+    arguments drawing negatives from the all-gathered global batch (several processes)."""
     L, S = len(views.large), len(views.small)
     large = torch.cat(views.large)
     if dev.type == "cuda":
@@ -338,7 +362,8 @@ def _loss(cfg, online, target, views, labels, generator, dev):
     target_large = list(target_proj.float().chunk(L))
     if cfg.method == "relicv2":
         def pair(o, t):
-            return relic_loss(o, t, cfg.n_negatives, cfg.tau, cfg.alpha, cfg.beta, generator=generator)
+            return relic_loss(o, t, cfg.n_negatives, cfg.tau, cfg.alpha, cfg.beta, generator=generator,
+                              **(pool(o, t) if pool is not None else {}))
 
         loss, stats = multicrop_loss(pair, online_large, online_small, target_large, include_same_view=True)
     else:
@@ -357,12 +382,13 @@ def _probe_step(probe, probe_optimizer, features, labels) -> tuple[float, float]
     return loss.item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def _evaluate(encoder, probe, dataset, image_size, dev, cfg, progress) -> dict:
-    """Weighted kNN (train split as memory) and online-probe accuracy on the test split."""
-    train_f = encode_images(encoder, dataset.train.images, image_size=image_size, device=dev,
-                            precision=cfg.precision, progress=progress)
-    test_f = encode_images(encoder, dataset.test.images, image_size=image_size, device=dev,
-                           precision=cfg.precision, progress=progress)
+def _evaluate(encoder, probe, dataset, image_size, dev, cfg, progress, encode=encode_images) -> dict:
+    """Weighted kNN (train split as memory) and online-probe accuracy on the test split. `encode`:
+    encode_images, or its version sharded over processes (relicv2_cli.distributed)."""
+    train_f = encode(encoder, dataset.train.images, image_size=image_size, device=dev,
+                     precision=cfg.precision, progress=progress)
+    test_f = encode(encoder, dataset.test.images, image_size=image_size, device=dev,
+                    precision=cfg.precision, progress=progress)
     knn = knn_accuracy(train_f, dataset.train.labels, test_f, dataset.test.labels, dataset.num_classes,
                        cfg.knn_k, cfg.knn_temperature)
     with torch.no_grad():
@@ -424,7 +450,9 @@ def command(
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (also at the end and on SIGTERM/SIGINT).")] = 500,
     eval_every: Annotated[int | None, typer.Option(help="kNN + probe accuracy on the test split every N steps (default: once per epoch; 0: only at the end).")] = None,
     log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same --name from its checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same --name from its checkpoint (under torchrun: start afresh when there is none yet, so --max-restarts can repeat the command).")] = False,
+    dist_timeout: Annotated[float, typer.Option(help="torchrun runs: seconds a process waits for the others in a collective before failing with an error (a dead or hung peer) (choice).")] = distributed.DEFAULT_TIMEOUT_S,
+    dist_sampling: Annotated[str, typer.Option(help="torchrun runs: local (each process draws the views and negatives of its own share from a (seed, step, rank) generator) or global (every process draws those of the global batch and keeps its share: same result as one process, costs the augmentation of the global batch on each) (choice).")] = "local",
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
@@ -445,11 +473,14 @@ def command(
                 values[key] = value
     values["small_scale"] = (values.pop("small_scale_min"), values.pop("small_scale_max"))
     values["saliency"] = str(saliency) if saliency else None
-    run_options = {k: values.pop(k) for k in ("workdir", "name", "device", "force", "resume", "quiet")}
+    run_options = {k: values.pop(k) for k in ("workdir", "name", "device", "force", "resume", "quiet",
+                                              "dist_timeout", "dist_sampling")}
     for key in ("ctx", "preset"):
         values.pop(key)
     cfg = PretrainConfig(**values, extra={"preset": preset})
     art = run_pretrain(cfg, **run_options)
+    if not distributed.is_main_process():  # torchrun: rank 0 prints the summary and the path
+        return
     if not quiet:
         metrics = art.metrics
         options.console.print(
