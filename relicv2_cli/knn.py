@@ -29,6 +29,7 @@ def encode_images(
     precision: str = "bf16",
     batch_size: int = 512,
     progress=None,
+    description: str = "embedding",
 ) -> torch.Tensor:
     """Pooled features (N, D) float32 on CPU of uint8 images (N, H, W, 3) or (N, 3, H, W), centre
     view, BN in eval mode. The encoder's train/eval mode is restored afterwards."""
@@ -37,7 +38,7 @@ def encode_images(
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
     out = []
-    task = progress.add_task("embedding", total=len(images), info="") if progress is not None else None
+    task = progress.add_task(description, total=len(images), info="") if progress is not None else None
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
         with autocast(device, precision):

@@ -160,17 +160,10 @@ def extract_features(
 
 def embed(model, images: np.ndarray, *, size: int, device: torch.device, precision: str, batch_size: int,
           quiet: bool, description: str) -> torch.Tensor:
-    """knn.encode_images (centre view, eval mode, autocast) batch by batch under a progress bar;
-    float32 (N, out) on the CPU."""
-    out = []
+    """knn.encode_images (centre view, eval mode, autocast) under a progress bar; float32 (N, out) on the CPU."""
     with options.progress_bar(quiet) as progress:
-        task = progress.add_task(description, total=len(images), info="")
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            out.append(encode_images(model, batch, image_size=size, device=device, precision=precision,
-                                     batch_size=batch_size).float())
-            progress.advance(task, len(batch))
-    return torch.cat(out)
+        return encode_images(model, images, image_size=size, device=device, precision=precision,
+                             batch_size=batch_size, progress=progress, description=description).float()
 
 
 def read_features(art: Artifact | str | Path) -> FeatureSet:
