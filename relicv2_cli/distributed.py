@@ -256,6 +256,14 @@ class DistContext:
         vec = vec / self.world_size
         return vec[0], {k: vec[i + 1] for i, k in enumerate(keys)}
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's value of `flag` on every process (a decision all must take at the same step)."""
+        if not self.active:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int64, device=self._comm_device)
+        dist.broadcast(value, src=0)
+        return bool(value.item())
+
     def signal_list(self, stop_signal: list[int]) -> list[int]:
         """The list the signal handlers append to: `stop_signal` itself on one process; with several,
         a private list that `sync_stop` merges into `stop_signal` at the same step on every process."""

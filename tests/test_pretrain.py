@@ -123,3 +123,20 @@ def test_cli_prints_artifact_path_last(cli, tmp_path):
                  "--proj-hidden", "32", "--proj-dim", "16", "--max-steps", "1", "--workdir", tmp_path, "--quiet")
     assert result.code == 0, result.err
     assert result.last_line == str(tmp_path / "pretrain" / "relicv2-synthetic-resnet18")
+
+
+def test_time_budget_stops_early_evaluates_and_says_why(tmp_path, monkeypatch):
+    real_loss = pretrain._loss
+
+    def slow_loss(*args, **kwargs):  # every step takes at least 0.5 s of "training"
+        import time
+
+        time.sleep(0.5)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "_loss", slow_loss)
+    art = run_pretrain(PretrainConfig(**TINY, max_steps=8, time_budget_min=0.9 / 60), workdir=tmp_path, quiet=True)
+    assert art.metrics["steps"] == 2 and art.metrics["stopped_by"] == "time_budget"
+    assert 0.9 <= art.metrics["train_s"] < 3
+    assert "knn_top1" in records(art)[-1] and "knn_top1" in art.metrics  # the early stop still evaluates
+    assert torch.load(art.path / "checkpoint.pt", weights_only=True)["step"] == 2

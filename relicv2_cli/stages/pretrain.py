@@ -40,6 +40,8 @@ from relicv2_cli.optim import OPTIMIZERS, build_optimizer, lr_at, scaled_lr
 METHODS = ("relicv2", "byol", "supervised")
 PRECISIONS = ("bf16", "fp32")
 CHECKPOINT = "checkpoint.pt"
+# Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
+RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
 METRICS = "metrics.jsonl"
 
 # Values the ImageNet preset sets (unless the option is given explicitly on the command line).
@@ -84,6 +86,7 @@ class PretrainConfig:
     batch_size: int = 256
     epochs: float = 100.0
     max_steps: int | None = None
+    time_budget_min: float | None = None
     lr: float = 1.0
     lars_eta: float = 0.02
     weight_decay: float = 1e-5
@@ -187,15 +190,15 @@ def run_pretrain(
     # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
     staging, resume = ddp.open_staging(workdir, "pretrain", name, force=force, resume=resume)
     with staging:
-        step = 0
+        step, train_s = 0, 0.0  # train_s: seconds in optimizer steps (evaluation excluded), for --time-budget
         checkpoint_path = staging.dir / CHECKPOINT
         if resume:
             if not checkpoint_path.exists():
                 raise RelicError(f"nothing to resume: no {CHECKPOINT} in {staging.dir}")
             state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
-            saved = {k: v for k, v in state["config"].items() if k not in ("max_steps", "extra")}
+            saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
             now = {k: v for k, v in json.loads(json.dumps(artifacts._jsonable(config))).items()
-                   if k not in ("max_steps", "extra")}
+                   if k not in RESUMABLE_CHANGES}
             changed = sorted(k for k in now if saved.get(k) != now[k])
             if changed:
                 raise RelicError(f"--resume with different settings than the interrupted run: {', '.join(changed)}")
@@ -205,14 +208,14 @@ def run_pretrain(
             probe.load_state_dict(state["probe"])
             optimizer.load_state_dict(state["optimizer"])
             probe_optimizer.load_state_dict(state["probe_optimizer"])
-            step = state["step"]
+            step, train_s = state["step"], state.get("train_s", 0.0)
             if ddp.is_main:
                 _truncate_metrics(staging.dir / METRICS, step)
 
         def save_checkpoint() -> None:
             if not ddp.is_main:  # rank 0 alone writes; every rank holds the same weights
                 return
-            state = {"step": step, "online": online.state_dict(), "probe": probe.state_dict(),
+            state = {"step": step, "train_s": train_s, "online": online.state_dict(), "probe": probe.state_dict(),
                      "target": target.state_dict() if target is not None else {},
                      "optimizer": optimizer.state_dict(), "probe_optimizer": probe_optimizer.state_dict(),
                      "config": artifacts._jsonable(config)}
@@ -227,11 +230,12 @@ def run_pretrain(
         handlers = {sig: signal.signal(sig, lambda s, _f: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
         log = open(staging.dir / METRICS if ddp.is_main else os.devnull, "a")
         last_eval: dict = {}
+        out_of_time = False
         t_start = time.perf_counter()
         try:
             with options.progress_bar(quiet or not ddp.is_main) as progress:
                 task = progress.add_task(f"{cfg.method} {name}", total=last_step, completed=step, info="")
-                while step < last_step and not stop_signal:
+                while step < last_step and not stop_signal and not out_of_time:
                     t0 = time.perf_counter()
                     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
                     batch_idx = _batch_indices(step, steps_per_epoch, n_train, cfg.batch_size, cfg.seed).to(dev)
@@ -262,13 +266,17 @@ def run_pretrain(
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     t_end = time.perf_counter()
-                    if step % cfg.log_every == 0 or step == last_step or step == 1:
+                    train_s += t_end - t0
+                    # Every process stops at the same step: the budget is read on rank 0's clock.
+                    out_of_time = cfg.time_budget_min is not None and ddp.agree(train_s >= 60 * cfg.time_budget_min)
+                    final = step == last_step or out_of_time
+                    if step % cfg.log_every == 0 or final or step == 1:
                         record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value.item(),
                                   **{k: float(v) for k, v in stats.items()}, "lr": lr, "ema_rate": rate,
                                   "embedding_std": embedding_std(embeddings), "probe_loss": probe_loss,
                                   "probe_train_top1": probe_acc, "images_per_s": cfg.batch_size / (t_end - t0),
                                   "data_fraction": (t_data - t0) / (t_end - t0)}
-                        if eval_every and (step % eval_every == 0) or step == last_step:
+                        if eval_every and (step % eval_every == 0) or final:
                             last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress, ddp.encode(encode_images))
                             record.update(last_eval)
                         log.write(json.dumps(record) + "\n")
@@ -304,7 +312,8 @@ def run_pretrain(
                   metadata={"arch": cfg.arch, "width": str(cfg.width), "stem": cfg.stem})
         torch.save(encoder_state, staging.dir / "backbone.pt")
         metrics = {"steps": step, "epochs": round(step / steps_per_epoch, 3), **last_eval,
-                   "wall_s": round(time.perf_counter() - t_start, 1)}
+                   "wall_s": round(time.perf_counter() - t_start, 1), "train_s": round(train_s, 1),
+                   "stopped_by": "time_budget" if out_of_time else "steps"}
         final = _last_record(staging.dir / METRICS)
         metrics.update({k: final[k] for k in ("loss", "contrastive", "kl", "embedding_std", "images_per_s") if k in final})
         return staging.commit(config=config, parents=parents, dataset=dataset.record(), metrics=metrics)
@@ -331,6 +340,8 @@ def _check_config(cfg: PretrainConfig) -> None:
             raise RelicError(f"{flag} must be positive, got {value}")
     if cfg.max_steps is not None and cfg.max_steps <= 0:
         raise RelicError(f"--max-steps must be positive, got {cfg.max_steps}")
+    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
+        raise RelicError(f"--time-budget must be positive, got {cfg.time_budget_min}")
 
 
 def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -440,6 +451,7 @@ def command(
     batch_size: options.BatchSize = 256,
     epochs: options.Epochs = 100.0,
     max_steps: options.MaxSteps = None,
+    time_budget: Annotated[float | None, typer.Option(help="Stop after this many minutes spent in training steps (evaluation and checkpoints excluded), as --max-steps does; the schedule still spans --epochs, so choose --epochs to fit the budget.")] = None,
     lr: Annotated[float, typer.Option(help="Base learning rate; lars/sgd use lr * batch / 256, adamw uses it as is (choice for CIFAR: 1.0; paper 0.2-0.3).")] = 1.0,
     lars_eta: Annotated[float, typer.Option(help="LARS trust coefficient (choice for small data: 0.02, as solo-learn's CIFAR recipes; byol/paper: 1e-3).")] = 0.02,
     weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norm parameters) (choice for CIFAR: 1e-5; paper 1.5e-6).")] = 1e-5,
@@ -471,6 +483,7 @@ def command(
         for key, value in PRESETS[preset].items():
             if ctx.get_parameter_source(key).name == "DEFAULT":  # explicit options win over the preset
                 values[key] = value
+    values["time_budget_min"] = values.pop("time_budget")
     values["small_scale"] = (values.pop("small_scale_min"), values.pop("small_scale_max"))
     values["saliency"] = str(saliency) if saliency else None
     run_options = {k: values.pop(k) for k in ("workdir", "name", "device", "force", "resume", "quiet",
