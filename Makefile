@@ -21,12 +21,23 @@ test: $(STAMP)
 lint: $(STAMP)
 	.venv/bin/ruff check relicv2_cli tests bench
 
-# Benchmarks print tables and write bench/results/*.json; real-data ones read RELICV2_DATA.
+# Benchmarks print tables and write bench/results/*; real-data ones read RELICV2_DATA. `make bench`
+# runs them all (about two hours on 2 CPU cores); `make bench-NAME` runs bench/bench_NAME.py alone.
+# lightly (the `bench` extra) is installed for them only.
 export RELICV2_DATA ?= $(wildcard ../shared/data)
-BENCHES := $(sort $(wildcard bench/bench_*.py))
+BENCH_STAMP := .venv/.bench-installed
+BENCHES := saliency pretrain throughput eval quality distributed
 
-bench: $(STAMP)
-	@for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || exit 1; done
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+.PHONY: $(addprefix bench-,$(BENCHES))
+bench: $(addprefix bench-,$(BENCHES))
+
+$(addprefix bench-,$(BENCHES)): bench-%: $(BENCH_STAMP)
+	@echo "== bench/bench_$*.py"
+	$(PY) bench/bench_$*.py
 
 clean:
 	rm -rf runs/demo .pytest_cache .ruff_cache build *.egg-info

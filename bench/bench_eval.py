@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_stage(args: list[str], force: bool) -> tuple[dict, float, str]:
     """Run `python -m relicv2_cli ARGS`; reuse the artifact when it exists (unless force)."""
     workdir = Path(args[args.index("--workdir") + 1])
-    kind = args[1]
+    kind = args[1] if args[0] in ("eval", "analyze") else args[0]  # the artifact kind names the folder
     name = args[args.index("--name") + 1]
     path = workdir / kind / name
     command = " ".join(shlex.quote(a) for a in ["relicv2", *args])
