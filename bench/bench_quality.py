@@ -32,23 +32,26 @@ import platform
 import subprocess
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench_eval import ROOT, run_stage
+from bench_pretrain import matmul_tflops
 from lightly_byol import lightly_version
 
 N_TRAIN = 50_000
 
 
-def our_rate(spec: str, method_args: list[str], net: list[str]) -> float:
-    """Images/s of our pretrain for these options, from steps 3-6 of a 6-step run on 5,000 images."""
+def our_rate(spec: str, method_args: list[str], net: list[str], steps: int = 20) -> float:
+    """Images/s of our pretrain for these options: total images / total time of steps 5-20 of a run on
+    5,000 images (single steps vary by +-30% on a shared 2-core machine; 4 steps misjudged BYOL by 1.5x)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "relicv2_cli", "pretrain", spec, *method_args, *net, "--max-steps", "6",
+        subprocess.run([sys.executable, "-m", "relicv2_cli", "pretrain", spec, *method_args, *net, "--max-steps", str(steps),
                         "--log-every", "1", "--eval-every", "0", "--limit-train", "5000", "--limit-test", "100",
                         "--workdir", tmp, "--name", "rate", "--quiet"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in (Path(tmp) / "pretrain" / "rate" / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] >= 3]
-    return sum(rates) / len(rates)
+    rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] >= 5]
+    return len(rates) / sum(1 / r for r in rates)  # harmonic mean: images over time
 
 
 def run_lightly(data: str, workdir: Path, budget_min: float, width: float, backbone: str, force: bool,
@@ -65,17 +68,26 @@ def run_lightly(data: str, workdir: Path, budget_min: float, width: float, backb
     torch.manual_seed(0)
     model, resnet = lightly_byol.build(backbone, width)
     loader = lightly_byol.make_loader(data, limit=n_train)
-    # 6 steps to measure the speed, then the example's schedule sized to the budget (whole epochs).
+    # 6 steps to measure the speed (steps 3-6: the first ones start the workers), then the example's
+    # schedule in whole epochs, rounded up so that the budget, not the schedule, ends the run.
     device = "cuda" if torch.cuda.is_available() else "cpu"  # as the example chooses
-    rate_steps = lightly_byol.train(lightly_byol.build(backbone, width)[0], loader, epochs=1, max_steps=6, device=device)
-    rate = rate_steps["images"] / rate_steps["train_s"]
-    epochs = max(1, math.ceil(budget_min * 60 * rate / n_train))
+    seconds: list[float] = []
+    lightly_byol.train(lightly_byol.build(backbone, width)[0], loader, epochs=1, max_steps=6, device=device,
+                       on_step=lambda step, _data_s, step_s: seconds.append(step_s) if step > 2 else None)
+    rate = loader.batch_size * len(seconds) / sum(seconds)
+    epochs = max(1, math.ceil(1.05 * budget_min * 60 * rate / n_train))
     result = lightly_byol.train(model, loader, epochs=epochs, budget_s=budget_min * 60, device=device)
     encoder = lightly_byol.save_encoder(resnet, out / "encoder.pt")
     summary = {"config": config, "epochs_scheduled": epochs, "encoder": str(encoder), **result,
                "images_per_s": result["images"] / result["train_s"]}
     done.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _machine_speed() -> float:
+    import torch
+
+    return round(matmul_tflops(torch.device("cuda" if torch.cuda.is_available() else "cpu")), 3)
 
 
 def main() -> None:
@@ -96,6 +108,7 @@ def main() -> None:
     if not (Path(args.data) / "cifar-10-batches-py").is_dir():
         raise SystemExit(f"CIFAR-10 not found under {args.data} (set RELICV2_DATA)")
 
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     spec, wd = f"cifar10:{args.data}", Path(args.workdir)
     n_train = args.limit_train or N_TRAIN
     limits = [*(["--limit-train", str(args.limit_train)] if args.limit_train else []),
@@ -109,10 +122,18 @@ def main() -> None:
         ("BYOL (ours)", "byol", ["--method", "byol"]),
         ("supervised (labels)", "supervised", ["--method", "supervised"]),
     ]
-    rows, commands, rates = [], [saliency_cmd], {}
+    # Measured speeds are kept, so that a rerun of the bench computes the same --epochs and reuses runs.
+    rates_file = wd / "rates.json"
+    rates = json.loads(rates_file.read_text()) if rates_file.exists() and not args.force else {}
+    rows, commands = [], [saliency_cmd]
     for label, name, method_args in methods:
-        method = method_args[1]  # masking costs little: the speed of the method without masks stands in
-        rate = rates[method] = rates.get(method) or our_rate(spec, method_args[:2], net)
+        # masking costs little: the speed of the method without masks stands in for it
+        key = f"{method_args[1]} w{args.width} n{n_train}"
+        if key not in rates:
+            rates[key] = our_rate(spec, method_args[:2], net)
+            rates_file.write_text(json.dumps(rates, indent=2) + "\n")
+        rate = rates[key]
+        machine_tflops = _machine_speed()  # a slow spell of a shared host shows here
         epochs = round(1.05 * args.budget * 60 * rate / n_train, 2)  # 5% over: the budget, not the schedule, ends the run
         manifest, wall, command = run_stage(
             ["pretrain", spec, *method_args, *net, "--time-budget", f"{args.budget:g}", "--epochs", f"{epochs:g}",
@@ -121,15 +142,22 @@ def main() -> None:
         m = manifest["metrics"]
         rows.append({"method": label, "name": name, "encoder": str(wd / "pretrain" / name), "steps": m["steps"], "epochs": m["epochs"],
                      "train_min": round(m["train_s"] / 60, 2), "images_per_s": round(m["steps"] * 256 / m["train_s"], 1),
+                     "schedule_done": round(m["steps"] / manifest["config"]["total_steps"], 2),
+                     # only for runs made now (not reused): the machine's speed just before training
+                     "matmul_tflops_before": machine_tflops if manifest["created"] >= started else None,
                      "pretrain_knn_top1": m.get("knn_top1")})
         commands.append(command)
         print(json.dumps(rows[-1]), flush=True)
     if not args.skip_lightly:
+        machine_tflops = _machine_speed()
         result = run_lightly(args.data, wd, args.budget, float(args.width), args.lightly_backbone, args.force, n_train)
         rows.append({"method": f"BYOL (lightly {lightly_version()} example)", "name": "lightly-byol", "encoder": f"torchvision:{result['encoder']}",
                      "steps": result["steps"], "epochs": round(result["images"] / n_train, 3),
                      "train_min": round(result["train_s"] / 60, 2), "images_per_s": round(result["images_per_s"], 1),
-                     "model_args": (["--width", "1", "--stem", "imagenet"] if args.lightly_backbone == "example" else [])})
+                     "schedule_done": round(result["steps"] / (result["epochs_scheduled"] * (n_train // 256)), 2),
+                     "matmul_tflops_before": machine_tflops,
+                     "model_args": (["--arch", "resnet18", "--width", "1", "--stem", "imagenet"]
+                                    if args.lightly_backbone == "example" else [])})
         commands.append(f"python bench/bench_quality.py (lightly_byol.train, {args.budget:g} min, backbone {args.lightly_backbone})")
     rows.append({"method": "random init", "name": "random", "encoder": "random:resnet18", "steps": 0, "epochs": 0, "train_min": 0})
 
@@ -148,12 +176,12 @@ def main() -> None:
     for row in rows:
         model_args = row.get("model_args") or net
         if "knn_top1" not in row:  # a lightly example backbone of another shape: kNN from its own call
-            manifest, _, command = run_stage(["analyze", "neighbors", row["encoder"], spec, "--arch", "resnet18",
-                                              *model_args, *common, "--name", "budget-lightly-example"], args.force)
+            manifest, _, command = run_stage(["analyze", "neighbors", row["encoder"], spec, *model_args, *common,
+                                              "--name", "budget-lightly-example"], args.force)
             row["knn_top1"] = next(iter(manifest["metrics"]["encoders"].values()))["knn_top1"]
             commands.append(command)
-        manifest, wall, command = run_stage(["eval", "linear", row["encoder"], spec, "--arch", "resnet18", *model_args,
-                                             *common, "--name", f"{row['name']}-linear"], args.force)
+        manifest, wall, command = run_stage(["eval", "linear", row["encoder"], spec, *model_args, *common,
+                                             "--name", f"{row['name']}-linear"], args.force)
         row.update(linear_top1=manifest["metrics"]["top1"], linear_top5=manifest["metrics"]["top5"])
         commands.append(command)
         print(json.dumps(row), flush=True)
@@ -179,11 +207,12 @@ def main() -> None:
               "commands": commands}
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Budget {args.budget:g} min of training per method, ResNet-18 w{args.width} cifar stem, CIFAR-10.", "",
-             "| method | steps | epochs | train min | img/s | kNN top-1 | linear top-1 | linear top-5 | ratio median |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | steps | epochs | schedule done | train min | img/s | kNN top-1 | linear top-1 | linear top-5 | ratio median |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio_median']:.3f}" if "ratio_median" in r else ""
-        lines.append(f"| {r['method']} | {r['steps']} | {r['epochs']} | {r['train_min']} | {r.get('images_per_s', '')} | "
+        done = f"{100 * r['schedule_done']:.0f}%" if "schedule_done" in r else ""
+        lines.append(f"| {r['method']} | {r['steps']} | {r['epochs']} | {done} | {r['train_min']} | {r.get('images_per_s', '')} | "
                      f"{100 * r['knn_top1']:.1f} | {100 * r['linear_top1']:.1f} | {100 * r['linear_top5']:.1f} | {ratio} |")
     if semi:
         lines += ["", f"| 1% labels ({semi[0]['labelled']} images), fine-tune 30 epochs | top-1 | top-5 |", "|---|---|---|"]
