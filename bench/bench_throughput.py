@@ -10,7 +10,7 @@ two of every run are dropped as warm-up), so that a slow spell of the machine hi
 
 Per configuration: images/s and views/s (median over rounds), the share of a step spent waiting for
 data + augmentation, FLOPs per step (torch FlopCounterMode) and achieved FLOP/s against a bf16 matmul
-measured in the same run. Writes bench/results/throughput_DEVICE.json and .md.
+measured in the same run. Writes bench/results/throughput_DEVICE_wWIDTH.json and .md.
 
     python bench/bench_throughput.py                 # about 12 minutes on 2 CPU cores at width 1
     python bench/bench_throughput.py --rounds 1 --steps 4 --width 0.25
@@ -118,8 +118,8 @@ def main() -> None:
               "steps_per_run": args.steps, "matmul_bf16_tflops": round(peak, 3), "rows": rows,
               "ours_byol_over_lightly_byol": round(ratio, 2)}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"throughput_{torch.device(args.device).type}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"throughput_{torch.device(args.device).type}_w{args.width:g}"  # "w0.25": no with_suffix
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"ResNet-18 w{args.width:g} cifar stem, batch 256, bf16, CIFAR-10; median of {args.rounds} interleaved rounds; "
              f"bf16 matmul {peak:.2f} TFLOP/s.", "",
              "| configuration | img/s | views/s | per round | data + aug share | GFLOP/step | TFLOP/s | of matmul |",
@@ -128,7 +128,7 @@ def main() -> None:
               f"{100 * r['data_fraction']:.1f}% | {r['gflop_per_step']:,} | {r['achieved_tflops']} | {100 * r['fraction_of_matmul']:.0f}% |"
               for r in rows]
     lines += ["", f"ours / lightly (BYOL, same views): {ratio:.2f}x"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -4,7 +4,7 @@
 #   3.   quality at a fixed budget (1 minute of training per method instead of 10).
 # Run from the repository root after `make install` and `pip install -e '.[bench]'`:
 #   RELICV2_DATA=/path/to/data bash bench/gpu.sh
-# Results land in bench/results/*_cuda.* and bench/results/quality_gpu.*.
+# Results land in bench/results/throughput_cuda_w1.* and bench/results/quality_gpu.*.
 set -euo pipefail
 : "${RELICV2_DATA:?set RELICV2_DATA to the folder holding cifar-10-batches-py}"
 PY=${PY:-.venv/bin/python}
