@@ -57,6 +57,17 @@ def step_flops(cfg: pretrain.PretrainConfig, device: torch.device) -> float:
     return counter.get_total_flops()
 
 
+def measure_speed(cfg: pretrain.PretrainConfig, device: str, warmup_steps: int = 2) -> dict:
+    """Run `run_pretrain` for cfg.max_steps steps in a temporary workdir and average its logged
+    images/s and data share over the steps after the warm-up ones."""
+    with tempfile.TemporaryDirectory() as tmp:
+        art = pretrain.run_pretrain(cfg, workdir=Path(tmp), device=device, quiet=True)
+        rows = [json.loads(line) for line in (art.path / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in rows if "images_per_s" in r and r["step"] > warmup_steps]
+    return {"steps": len(steady), "images_per_s": sum(r["images_per_s"] for r in steady) / len(steady),
+            "data_fraction": sum(r["data_fraction"] for r in steady) / len(steady)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
@@ -74,12 +85,8 @@ def main() -> None:
     cfg = pretrain.PretrainConfig(spec=spec, method=args.method, width=args.width, batch_size=args.batch_size,
                                   epochs=1.0, max_steps=args.steps, log_every=1, eval_every=0,
                                   precision=args.precision, limit_test=500)
-    with tempfile.TemporaryDirectory() as tmp:
-        art = pretrain.run_pretrain(cfg, workdir=Path(tmp), device=str(device), quiet=True)
-        rows = [json.loads(line) for line in (art.path / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in rows if "images_per_s" in r and r["step"] > 2]  # skip warm-up steps
-    images_per_s = sum(r["images_per_s"] for r in steady) / len(steady)
-    data_fraction = sum(r["data_fraction"] for r in steady) / len(steady)
+    speed = measure_speed(cfg, str(device))
+    images_per_s, data_fraction = speed["images_per_s"], speed["data_fraction"]
     flops = step_flops(cfg, device)
     achieved = flops * images_per_s / cfg.batch_size / 1e12
     peak = matmul_tflops(device)
@@ -89,7 +96,7 @@ def main() -> None:
         "spec": spec, "device": str(device), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "method": cfg.method, "arch": cfg.arch, "width": cfg.width,
         "batch_size": cfg.batch_size, "views": f"{cfg.large_crops}x{cfg.large_size}px + {cfg.small_crops}x{cfg.small_size}px",
-        "precision": cfg.precision, "steps_measured": len(steady), "images_per_s": round(images_per_s, 1),
+        "precision": cfg.precision, "steps_measured": speed["steps"], "images_per_s": round(images_per_s, 1),
         "views_per_s": round(images_per_s * (cfg.large_crops + cfg.small_crops), 1),
         "data_fraction": round(data_fraction, 4), "gflop_per_step": round(flops / 1e9, 1),
         "achieved_tflops": round(achieved, 3), "matmul_bf16_tflops": round(peak, 3),

@@ -23,12 +23,11 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 from pathlib import Path
 
 import lightly_byol
 import torch
-from bench_pretrain import matmul_tflops, step_flops
+from bench_pretrain import matmul_tflops, measure_speed, step_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 from relicv2_cli.stages import pretrain
@@ -41,12 +40,7 @@ def run_ours(spec: str, method: str, small_crops: int, width: float, steps: int,
     cfg = pretrain.PretrainConfig(spec=spec, method=method, small_crops=small_crops, width=width, batch_size=256,
                                   epochs=1.0, max_steps=steps, log_every=1, eval_every=0, limit_train=10_000,
                                   limit_test=100)
-    with tempfile.TemporaryDirectory() as tmp:
-        art = pretrain.run_pretrain(cfg, workdir=Path(tmp), device=device, quiet=True)
-        rows = [json.loads(line) for line in (art.path / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in rows if "images_per_s" in r and r["step"] > WARMUP_STEPS]
-    return {"images_per_s": statistics.mean(r["images_per_s"] for r in steady),
-            "data_fraction": statistics.mean(r["data_fraction"] for r in steady)}
+    return measure_speed(cfg, device, WARMUP_STEPS)
 
 
 def run_lightly(loader, width: float, steps: int, device: str) -> dict:
@@ -66,8 +60,7 @@ def lightly_step_flops(width: float, device: torch.device, batch: int = 256) -> 
     x0, x1 = torch.randn(batch, 3, 32, 32, device=device), torch.randn(batch, 3, 32, 32, device=device)
     criterion = lightly_byol.NegativeCosineSimilarity()
     with FlopCounterMode(display=False) as counter:
-        p0, z0, p1, z1 = model(x0), model.forward_momentum(x0), model(x1), model.forward_momentum(x1)
-        (0.5 * (criterion(p0, z1) + criterion(p1, z0))).backward()
+        lightly_byol.byol_loss(model, criterion, x0, x1).backward()
     return counter.get_total_flops()
 
 

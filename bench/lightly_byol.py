@@ -76,6 +76,13 @@ def make_loader(data_dir: str | Path, batch_size: int = 256, workers: int | None
                                        num_workers=workers, persistent_workers=workers > 0)
 
 
+def byol_loss(model: LightlyBYOL, criterion: nn.Module, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """The example's symmetric loss: each view's prediction against the other view's target projection."""
+    p0, z0 = model(x0), model.forward_momentum(x0)
+    p1, z1 = model(x1), model.forward_momentum(x1)
+    return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+
+
 def lightly_version() -> str:
     return importlib.metadata.version("lightly")
 
@@ -89,11 +96,11 @@ def train(model: LightlyBYOL, loader, *, epochs: int, budget_s: float | None = N
     criterion = NegativeCosineSimilarity()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06)
     model.train()
-    steps, train_s = 0, 0.0
+    steps, train_s, loss, stop = 0, 0.0, torch.tensor(float("nan")), False
     for epoch in range(epochs):
         momentum = cosine_schedule(epoch, epochs, 0.996, 1)
         batches = iter(loader)
-        while True:
+        while not stop:
             t0 = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
@@ -104,9 +111,7 @@ def train(model: LightlyBYOL, loader, *, epochs: int, budget_s: float | None = N
             update_momentum(model.backbone, model.backbone_momentum, m=momentum)
             update_momentum(model.projection_head, model.projection_head_momentum, m=momentum)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                p0, z0 = model(x0), model.forward_momentum(x0)
-                p1, z1 = model(x1), model.forward_momentum(x1)
-                loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+                loss = byol_loss(model, criterion, x0, x1)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -117,8 +122,9 @@ def train(model: LightlyBYOL, loader, *, epochs: int, budget_s: float | None = N
             train_s += t_end - t0
             if on_step is not None:
                 on_step(steps, t_data - t0, t_end - t0)
-            if (max_steps and steps >= max_steps) or (budget_s and train_s >= budget_s):
-                return {"steps": steps, "images": steps * loader.batch_size, "train_s": train_s, "loss": loss.item()}
+            stop = bool(max_steps and steps >= max_steps) or bool(budget_s and train_s >= budget_s)
+        if stop:
+            break
     return {"steps": steps, "images": steps * loader.batch_size, "train_s": train_s, "loss": loss.item()}
 
 

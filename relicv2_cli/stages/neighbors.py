@@ -417,6 +417,8 @@ NormalizeOpt = Annotated[bool, typer.Option(
     help="L2-normalise features before distances, so encoders of any width/scale compare.")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward pass when features are computed.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact of the same name.")]
+NameOpt = Annotated[str | None, typer.Option(help="Artifact name (default: ENCODERS-DATASET, encoders joined by +).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of random: encoders and of the synthetic data.")]
 
 
 def command(
@@ -438,8 +440,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
-    name: Annotated[str | None, typer.Option(help="Artifact name (default: ENCODERS-DATASET, encoders joined by +).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of random: encoders and of the synthetic data.")] = 0,
+    name: NameOpt = None,
+    seed: SeedOpt = 0,
     device: options.Device = "auto",
     force: ForceOpt = False,
     quiet: options.Quiet = False,
