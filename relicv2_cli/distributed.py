@@ -251,7 +251,7 @@ class DistContext:
         if not self.active:
             return loss.detach(), stats
         keys = sorted(stats)
-        vec = torch.stack([loss.detach().float(), *(torch.as_tensor(stats[k]).float().to(loss.device) for k in keys)])
+        vec = torch.stack([loss.detach().double(), *(torch.as_tensor(stats[k]).double().to(loss.device) for k in keys)])
         dist.all_reduce(vec)
         vec = vec / self.world_size
         return vec[0], {k: vec[i + 1] for i, k in enumerate(keys)}

@@ -42,7 +42,8 @@ def encode_images(
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
         with autocast(device, precision):
-            features = encoder(center_view(batch, image_size))
+            view = center_view(batch, image_size)
+            features = encoder(view.to(next(encoder.parameters()).dtype) if precision == "fp64" else view)
         out.append(features.float().cpu())
         if task is not None:
             progress.advance(task, len(batch))

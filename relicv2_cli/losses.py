@@ -10,6 +10,11 @@ import torch.nn.functional as F
 Stats = dict[str, torch.Tensor]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 activations upcast to fp32 for the loss; fp64 (the exactness-check precision) kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def sample_negatives(
     batch: int,
     n_negatives: int,
@@ -66,10 +71,10 @@ def relic_loss(
     rank's rows sit at offset..offset+B. Default: the local tensors. global_rows: see sample_negatives.
     """
     # fp32 for the softmax whatever the autocast dtype; the target never gets a gradient.
-    a = F.normalize(online.float(), dim=1)
-    b = F.normalize(target.detach().float(), dim=1)
-    b_pool = b if target_pool is None else F.normalize(target_pool.detach().float(), dim=1)
-    a_pool = a.detach() if online_pool is None else F.normalize(online_pool.detach().float(), dim=1)
+    a = F.normalize(at_least_fp32(online), dim=1)
+    b = F.normalize(at_least_fp32(target.detach()), dim=1)
+    b_pool = b if target_pool is None else F.normalize(at_least_fp32(target_pool.detach()), dim=1)
+    a_pool = a.detach() if online_pool is None else F.normalize(at_least_fp32(online_pool.detach()), dim=1)
     if a_pool.shape != b_pool.shape:
         raise ValueError(f"online_pool {tuple(a_pool.shape)} and target_pool {tuple(b_pool.shape)} differ")
 
@@ -88,8 +93,8 @@ def relic_loss(
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of 2 - 2 cos(p, z): BYOL's normalised MSE; the target is detached."""
-    p = F.normalize(prediction.float(), dim=1)
-    z = F.normalize(target.detach().float(), dim=1)
+    p = F.normalize(at_least_fp32(prediction), dim=1)
+    z = F.normalize(at_least_fp32(target.detach()), dim=1)
     return (2.0 - 2.0 * (p * z).sum(1)).mean()
 
 
@@ -132,4 +137,4 @@ def embedding_std(z: torch.Tensor) -> float:
 
     Collapse monitor: about 1/sqrt(D) for spread-out embeddings, 0 when all rows are equal.
     """
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean().item()
+    return F.normalize(at_least_fp32(z.detach()), dim=1).std(dim=0).mean().item()

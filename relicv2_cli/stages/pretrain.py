@@ -33,12 +33,12 @@ from relicv2_cli.augment import ViewConfig, make_views
 from relicv2_cli.data import load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import autocast, encode_images, knn_accuracy
-from relicv2_cli.losses import byol_loss, embedding_std, multicrop_loss, relic_loss
+from relicv2_cli.losses import at_least_fp32, byol_loss, embedding_std, multicrop_loss, relic_loss
 from relicv2_cli.models import ARCHS, STEMS, WIDTHS, build_network, ema_rate, ema_update, make_target
 from relicv2_cli.optim import OPTIMIZERS, build_optimizer, lr_at, scaled_lr
 
 METHODS = ("relicv2", "byol", "supervised")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "fp64")  # fp64: exactness checks (tests), slow
 CHECKPOINT = "checkpoint.pt"
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
@@ -174,6 +174,9 @@ def run_pretrain(
         online.projector = nn.Linear(online.encoder.feature_dim, dataset.num_classes).to(dev)
     target = make_target(online).to(dev) if cfg.method != "supervised" else None
     probe = nn.Linear(online.encoder.feature_dim, dataset.num_classes).to(dev)
+    if cfg.precision == "fp64":  # every parameter, activation and loss in float64
+        online, probe = online.double(), probe.double()
+        target = target.double() if target is not None else None
     online, target = ddp.sync_batchnorm(online), ddp.sync_batchnorm(target)  # BN over the global batch
     if dev.type == "cuda":
         online, probe = online.to(memory_format=torch.channels_last), probe
@@ -357,20 +360,21 @@ def _loss(cfg, online, target, views, labels, generator, dev, pool=None):
     for the probe, embeddings for the collapse monitor). `pool(online, target)`: extra relic_loss
     arguments drawing negatives from the all-gathered global batch (several processes)."""
     L, S = len(views.large), len(views.small)
-    large = torch.cat(views.large)
+    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    large = torch.cat(views.large).to(dtype)
     if dev.type == "cuda":
         large = large.contiguous(memory_format=torch.channels_last)
     with autocast(dev, cfg.precision):
         features, projection, prediction = online(large)
         if cfg.method == "supervised":
-            loss = F.cross_entropy(projection.float(), labels.repeat(L))
+            loss = F.cross_entropy(at_least_fp32(projection), labels.repeat(L))
             return loss, {}, features, features
-        small_pred = online(torch.cat(views.small))[2] if S else None
+        small_pred = online(torch.cat(views.small).to(dtype))[2] if S else None
         with torch.no_grad():
             target_proj = target(large)[1]
-    online_large = list(prediction.float().chunk(L))
-    online_small = list(small_pred.float().chunk(S)) if S else []
-    target_large = list(target_proj.float().chunk(L))
+    online_large = list(at_least_fp32(prediction).chunk(L))
+    online_small = list(at_least_fp32(small_pred).chunk(S)) if S else []
+    target_large = list(at_least_fp32(target_proj).chunk(L))
     if cfg.method == "relicv2":
         def pair(o, t):
             return relic_loss(o, t, cfg.n_negatives, cfg.tau, cfg.alpha, cfg.beta, generator=generator,
@@ -385,7 +389,7 @@ def _loss(cfg, online, target, views, labels, generator, dev, pool=None):
 
 def _probe_step(probe, probe_optimizer, features, labels) -> tuple[float, float]:
     """Online linear probe on detached features (solo-learn/BYOL monitor); never touches the encoder."""
-    logits = probe(features.detach().float())
+    logits = probe(at_least_fp32(features.detach()))
     loss = F.cross_entropy(logits, labels)
     probe_optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -403,7 +407,7 @@ def _evaluate(encoder, probe, dataset, image_size, dev, cfg, progress, encode=en
     knn = knn_accuracy(train_f, dataset.train.labels, test_f, dataset.test.labels, dataset.num_classes,
                        cfg.knn_k, cfg.knn_temperature)
     with torch.no_grad():
-        probe_pred = probe(test_f.to(dev)).argmax(1).cpu()
+        probe_pred = probe(test_f.to(dev, probe.weight.dtype)).argmax(1).cpu()
     probe_acc = (probe_pred == torch.from_numpy(dataset.test.labels)).float().mean().item()
     return {"knn_top1": knn, "probe_top1": probe_acc}
 
@@ -457,7 +461,7 @@ def command(
     weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norm parameters) (choice for CIFAR: 1e-5; paper 1.5e-6).")] = 1e-5,
     warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up epochs before the cosine decay (byol: 10).")] = 10.0,
     ema_base: Annotated[float, typer.Option(help="gamma_base of the target EMA, rises to 1 by a cosine (0.99 short runs; paper 0.996).")] = 0.99,
-    precision: options.Precision = "bf16",
+    precision: Annotated[str, typer.Option(help="bf16 (autocast), fp32, or fp64 (everything in float64: slow; for exactness checks such as the multi-process tests).")] = "bf16",
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (a resumed run then ends with the same weights).")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (also at the end and on SIGTERM/SIGINT).")] = 500,
     eval_every: Annotated[int | None, typer.Option(help="kNN + probe accuracy on the test split every N steps (default: once per epoch; 0: only at the end).")] = None,
