@@ -28,24 +28,32 @@ def sample_negatives(
 
     pool defaults to batch. With several processes pool is the all-gathered global batch and this
     rank's anchors sit at offset..offset+batch. n = min(n_negatives, pool - 1): all others when
-    n_negatives asks for more. Uniform without replacement: the top-n of i.i.d. uniform scores.
-    global_rows: draw the scores of every anchor of the pool (pool x pool) and keep rows
-    offset..offset+batch, so that each process picks exactly the negatives one process holding the
-    whole batch would pick from the same generator (costs pool^2 draws instead of batch * pool).
+    n_negatives asks for more. Uniform without replacement, in O(batch * n): Floyd's algorithm picks a
+    uniform n-subset of the pool - 1 other rows, then indices at or past the positive shift up by one.
+    global_rows: draw for every anchor of the pool and keep rows offset..offset+batch, so that each
+    process picks exactly the negatives one process holding the whole batch would pick from the same
+    generator (costs pool * n draws instead of batch * n).
     """
     pool = batch if pool is None else pool
-    n = max(0, min(n_negatives, pool - 1))
+    others = pool - 1
+    n = max(0, min(n_negatives, others))
     if n == 0:
         return torch.empty(batch, 0, dtype=torch.long, device=device)
+    rows = pool if global_rows else batch
     # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
     gen_device = generator.device if generator is not None else torch.device(device)
+    # float64 uniforms: floor(u * (j + 1)) is then uniform on 0..j to ~1e-12 even for huge pools.
+    uniforms = torch.rand(rows, n, generator=generator, device=gen_device, dtype=torch.float64)
+    chosen = torch.empty(rows, n, dtype=torch.long, device=gen_device)
+    for i, j in enumerate(range(others - n, others)):  # Floyd: step i adds one new index in 0..j
+        t = (uniforms[:, i] * (j + 1)).long().clamp_(max=j)
+        taken = (chosen[:, :i] == t[:, None]).any(1)
+        chosen[:, i] = torch.where(taken, j, t)
     if global_rows:
-        scores = torch.rand(pool, pool, generator=generator, device=gen_device)[offset : offset + batch].to(device)
-    else:
-        scores = torch.rand(batch, pool, generator=generator, device=gen_device).to(device)
-    rows = torch.arange(batch, device=device)
-    scores[rows, rows + offset] = -1.0  # the positive can never be among the top n
-    return scores.topk(n, dim=1, sorted=False).indices
+        chosen = chosen[offset : offset + batch]
+    chosen = chosen.to(device)
+    anchor = torch.arange(batch, device=device)[:, None] + offset
+    return chosen + (chosen >= anchor)  # skip the positive: 0..pool-2 -> 0..pool-1 without offset + i
 
 
 def relic_loss(

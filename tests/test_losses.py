@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -215,6 +216,27 @@ def test_sample_negatives_uniform_and_reproducible():
     a = sample_negatives(10, 3, torch.Generator().manual_seed(7), "cpu")
     b = sample_negatives(10, 3, torch.Generator().manual_seed(7), "cpu")
     assert torch.equal(a, b)
+
+
+def test_sample_negatives_draws_every_subset_equally_often():
+    # Uniform without replacement means every n-subset of the other rows is equally likely, not only
+    # every single index: pool 6, n 2 -> C(5, 2) = 10 subsets per anchor, each with probability 1/10.
+    g = torch.Generator().manual_seed(1)
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(400):
+        for row in sample_negatives(6, 2, g, "cpu")[2:3].tolist():  # anchor 2
+            key = tuple(sorted(row))
+            counts[key] = counts.get(key, 0) + 1
+    assert sorted(counts) == [s for s in itertools.combinations(range(6), 2) if 2 not in s]
+    assert min(counts.values()) > 0.6 * 40 and max(counts.values()) < 1.4 * 40
+
+
+def test_sample_negatives_global_rows_are_rows_of_the_whole_batch_draw():
+    whole = sample_negatives(12, 5, torch.Generator().manual_seed(7), "cpu")
+    for rank in range(3):
+        part = sample_negatives(4, 5, torch.Generator().manual_seed(7), "cpu", offset=4 * rank, pool=12,
+                                global_rows=True)
+        assert torch.equal(part, whole[4 * rank : 4 * rank + 4])
 
 
 def test_byol_loss_values():
