@@ -10,16 +10,20 @@ artifact under the final name. Resumable stages keep the staging directory on fa
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from relicv2_cli import __version__
 from relicv2_cli.errors import RelicError
@@ -36,6 +40,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_HASHED: dict[tuple, str] = {}
+
+
+def verified_sha256(path: Path) -> str:
+    """sha256_file, computed once per process for a file that has not changed since (same inode,
+    size and modification time), so stages can check every payload they open at little cost."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -74,15 +91,66 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a single file atomically (temp file in the same directory, fsync, rename)."""
+def no_space(error: BaseException) -> bool:
+    """Whether an error means the disk is full (h5py puts errno 28 in a long multi-line message)."""
+    return isinstance(error, OSError) and (error.errno == errno.ENOSPC or "errno = 28" in str(error))
+
+
+def no_space_error(path: Path) -> RelicError:
+    return RelicError(f"no space left on device writing {path}; free some space and rerun")
+
+
+def _written_file(error: BaseException) -> str | None:
+    """The file an OSError was about: its `filename`, or the one h5py names in its message."""
+    if getattr(error, "filename", None):
+        return str(error.filename)
+    found = re.search(r"filename = '([^']*)'", str(error))
+    return found.group(1) if found else None
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write one file atomically: `write(f)` fills a temporary file in the same directory, which is
+    fsynced and renamed over `path`, so `path` always holds a whole file. On any error the temporary
+    file is removed; a full disk becomes a one-line RelicError naming `path`.
+
+    Writers that take a file object write through Python, whose OSError carries the errno:
+    `atomic_write(p, lambda f: torch.save(state, f))` (torch.save to a *path* reports a full disk
+    as "unexpected pos")."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if no_space(e):
+            raise no_space_error(path) from None
+        raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def load_torch_file(path: Path, map_location="cpu"):
+    """torch.load(weights_only=True) with one-line errors: a file that holds Python objects other
+    than tensors and containers is refused (torch's own text is several lines and advises
+    weights_only=False, which would run the file's code)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise RelicError(f"refused to load {path}: it holds Python objects, not only tensors{what}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise RelicError(f"cannot read {path} as a torch file (truncated or corrupt): {first}") from None
 
 
 @dataclass
@@ -113,10 +181,27 @@ class Artifact:
         return self.manifest.get("metrics", {})
 
     def file(self, name: str) -> Path:
+        """The path of payload file `name`, after checking its size and sha256 against the manifest,
+        so that no stage computes results from a damaged or replaced file."""
         path = self.path / name
         if not path.exists():
             raise RelicError(f"artifact {self.path} has no file {name!r}")
+        entry = self.manifest.get("files", {}).get(name)
+        if entry is None:
+            raise RelicError(f"{path} is not listed in the manifest of {self.path}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise RelicError(f"{path} has {size} bytes, its manifest records {entry['bytes']}: damaged or "
+                             f"replaced (relicv2 artifacts verify {self.path})")
+        if verified_sha256(path) != entry["sha256"]:
+            raise RelicError(f"{path}: sha256 differs from its manifest: damaged or replaced "
+                             f"(relicv2 artifacts verify {self.path})")
         return path
+
+    def sha256(self, name: str) -> str:
+        """The sha256 of payload file `name`, checked against the manifest (for cache keys)."""
+        self.file(name)
+        return self.manifest["files"][name]["sha256"]
 
     def as_parent(self) -> dict:
         return {"kind": self.kind, "path": str(self.path.resolve()), "digest": self.digest}
@@ -193,7 +278,9 @@ def artifact_path(workdir: Path, kind: str, name: str) -> Path:
 class Staging:
     """An artifact under construction. Use as a context manager, write files into `.dir`,
     then call `commit()`. On an exception the staging directory is removed, unless `resumable`,
-    in which case it is kept for `--resume`."""
+    in which case it is kept for `--resume`; with `checkpoint` (a file name) it is kept only once it
+    holds that file, and a leftover directory without it is replaced, as there is nothing to resume.
+    A full disk inside the `with` block becomes a one-line RelicError naming the file."""
 
     workdir: Path
     kind: str
@@ -201,6 +288,7 @@ class Staging:
     force: bool = False
     resume: bool = False
     resumable: bool = False
+    checkpoint: str | None = None
     dir: Path = field(init=False)
     final: Path = field(init=False)
     metrics: dict = field(default_factory=dict)
@@ -217,7 +305,7 @@ class Staging:
         if self.dir.exists():
             if self.resume and self.resumable:
                 return
-            if self.resumable and not self.force:
+            if self.resumable and not self.force and self._resumable_state():
                 raise RelicError(
                     f"an interrupted run left {self.dir}; pass --resume to continue it or --force to restart"
                 )
@@ -229,9 +317,14 @@ class Staging:
     def __enter__(self) -> Staging:
         return self
 
+    def _resumable_state(self) -> bool:
+        return self.resumable and (self.checkpoint is None or (self.dir / self.checkpoint).exists())
+
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None and self.dir.exists() and not self.resumable:
+        if exc_type is not None and self.dir.exists() and not self._resumable_state():
             shutil.rmtree(self.dir, ignore_errors=True)
+        if exc is not None and no_space(exc):
+            raise no_space_error(_written_file(exc) or self.dir) from None
         return False
 
     def commit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -38,14 +39,20 @@ app.add_typer(data_app, name="data")
 app.add_typer(artifacts_app, name="artifacts")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    # Eager: answered while the options are parsed, before click asks for a command.
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
 ) -> None:
-    if version:
-        print(__version__)
-        raise typer.Exit()
+    pass
 
 
 @data_app.command("info")
@@ -66,10 +73,11 @@ def data_info(
     for name in ("train", "val", "test"):
         split = dataset.val if name == "val" else dataset.split(name)
         if split is not None:
+            images = split.images  # decodes first: --skip-bad drops labels of unreadable files
             counts = ", ".join(str(int((split.labels == c).sum())) for c in range(dataset.num_classes))
-            table.add_row(f"{name} images", f"{len(split.images):,}  (per class: {counts})")
+            table.add_row(f"{name} images", f"{len(images):,}  (per class: {counts})")
             if split.skipped:
-                table.add_row(f"{name} skipped", f"{len(split.skipped)} unreadable, first {split.skipped[0]}")
+                table.add_row(f"{name} skipped", f"{len(split.skipped)} unreadable or truncated, first {split.skipped[0]}")
     table.add_row("image shape", "x".join(map(str, dataset.train.images.shape[1:])) + " uint8")
     table.add_row("classes", f"{dataset.num_classes}: {', '.join(dataset.class_names)}")
     table.add_row("ground-truth masks", "yes" if dataset.train.masks is not None else "no")
@@ -146,37 +154,34 @@ def artifacts_lineage(art: Annotated[Path, typer.Argument(help="Artifact directo
     typer.echo(_table_text(root))
 
 
-from relicv2_cli.stages import pretrain as pretrain_stage  # noqa: E402
+@functools.cache
+def _add_stages() -> None:
+    """Register the stage commands. Their modules import torch (seconds), which `--version` skips."""
+    from relicv2_cli import report as report_module
+    from relicv2_cli.stages import features as features_stage
+    from relicv2_cli.stages import linear as linear_stage
+    from relicv2_cli.stages import neighbors as neighbors_stage
+    from relicv2_cli.stages import pretrain as pretrain_stage
+    from relicv2_cli.stages import ratios as ratios_stage
+    from relicv2_cli.stages import saliency as saliency_stage
+    from relicv2_cli.stages import semi as semi_stage
+    from relicv2_cli.stages import transfer as transfer_stage
 
-app.command("pretrain")(pretrain_stage.command)
-
-from relicv2_cli.stages import saliency as saliency_stage  # noqa: E402
-
-app.command("saliency")(saliency_stage.command)
-
-from relicv2_cli.stages import features as features_stage  # noqa: E402
-from relicv2_cli.stages import linear as linear_stage  # noqa: E402
-from relicv2_cli.stages import semi as semi_stage  # noqa: E402
-from relicv2_cli.stages import transfer as transfer_stage  # noqa: E402
-
-eval_app = typer.Typer(help="Evaluate encoders: linear probe, semi-supervised fine-tuning, transfer.",
-                       no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
-eval_app.command("features")(features_stage.command)
-eval_app.command("linear")(linear_stage.command)
-eval_app.command("semi")(semi_stage.command)
-eval_app.command("transfer")(transfer_stage.command)
-
-from relicv2_cli import report as report_module  # noqa: E402
-from relicv2_cli.stages import neighbors as neighbors_stage  # noqa: E402
-from relicv2_cli.stages import ratios as ratios_stage  # noqa: E402
-
-analyze_app = typer.Typer(help="Analyse representations: nearest neighbours and linear discriminant ratios.",
-                          no_args_is_help=True)
-app.add_typer(analyze_app, name="analyze")
-analyze_app.command("neighbors")(neighbors_stage.command)
-analyze_app.command("ratios")(ratios_stage.command)
-app.command("report")(report_module.command)
+    app.command("pretrain")(pretrain_stage.command)
+    app.command("saliency")(saliency_stage.command)
+    eval_app = typer.Typer(help="Evaluate encoders: linear probe, semi-supervised fine-tuning, transfer.",
+                           no_args_is_help=True)
+    app.add_typer(eval_app, name="eval")
+    eval_app.command("features")(features_stage.command)
+    eval_app.command("linear")(linear_stage.command)
+    eval_app.command("semi")(semi_stage.command)
+    eval_app.command("transfer")(transfer_stage.command)
+    analyze_app = typer.Typer(help="Analyse representations: nearest neighbours and linear discriminant ratios.",
+                              no_args_is_help=True)
+    app.add_typer(analyze_app, name="analyze")
+    analyze_app.command("neighbors")(neighbors_stage.command)
+    analyze_app.command("ratios")(ratios_stage.command)
+    app.command("report")(report_module.command)
 
 
 def main() -> None:
@@ -185,7 +190,11 @@ def main() -> None:
     Typer's standalone mode handles usage errors, --help and typer.Exit; our own errors surface here.
     """
     debug = "--debug" in sys.argv or os.environ.get("RELICV2_DEBUG") == "1"
+    if sys.argv[1:] == ["--version"]:
+        print(__version__)
+        return
     try:
+        _add_stages()
         app()
     except RelicError as e:
         if debug:

@@ -23,16 +23,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from relicv2_cli.artifacts import Artifact, load_artifact, sha256_file
+from relicv2_cli.artifacts import Artifact, load_artifact, load_torch_file, sha256_file
 from relicv2_cli.errors import RelicError
 from relicv2_cli.models import ARCHS, STEMS, WIDTHS, build_resnet
+
+BACKBONE = "backbone.safetensors"
 
 
 @dataclass
 class Encoder:
     model: nn.Module  # pooled features (B, feature_dim); eval mode, CPU
     label: str  # for tables: "pretrain/NAME (relicv2)", "random:resnet18", "torchvision:FILE"
-    key: str  # identifies the weights: artifact digest, file sha256 or the random-init recipe
+    key: str  # identifies the weights: backbone or file sha256, or the random-init recipe
     record: dict  # for manifests: spec, digest/sha256, arch, width, stem, image_size
     parent: Artifact | None  # the pretrain artifact, if any
     arch: str
@@ -94,10 +96,7 @@ def load_encoder(
         _check_model_options(arch, width, stem)
         if not path.is_file():
             raise RelicError(f"torchvision weights not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001  (pickle refusals, truncated zips, ...)
-            raise RelicError(f"cannot load {path} as a torchvision state_dict (weights_only=True): {e}") from None
+        state = load_torch_file(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -128,7 +127,7 @@ def load_encoder(
     from safetensors.torch import load_file
 
     try:
-        state = load_file(str(art.file("backbone.safetensors")))
+        state = load_file(str(art.file(BACKBONE)))
     except (SafetensorError, OSError) as e:
         raise RelicError(f"corrupt backbone.safetensors in {path}: {e}") from None
     model = build_resnet(arch, width, stem)
@@ -136,7 +135,8 @@ def load_encoder(
     method = config.get("method", "?")
     record = {"spec": str(path), "type": "pretrain", "digest": art.digest, "method": method, "arch": arch,
               "width": width, "stem": stem, "image_size": image_size}
-    return _finish(model, f"pretrain/{art.name} ({method})", f"pretrain:{art.digest}", record, art,
+    # Keyed by the weights' own hash (checked by art.file above), so cached features follow the bytes.
+    return _finish(model, f"pretrain/{art.name} ({method})", f"pretrain:{art.sha256(BACKBONE)}", record, art,
                    arch, width, stem, image_size)
 
 

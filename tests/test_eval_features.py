@@ -135,7 +135,7 @@ def test_features_of_another_encoder_or_data_are_refused(tmp_path, tiny_data):
                                 force=True)
     assert replaced.config["encoder_key"] == b.key != art.config["encoder_key"]
 
-    # A pretrain artifact replaced under the same name: its features are keyed by digest, so they are
+    # A pretrain artifact replaced under the same name: its features are keyed by its weights, so they are
     # recomputed under a new name; an explicit name that holds the old ones is refused.
     p1 = load_encoder(make_pretrain(tmp_path, name="p", seed=0).path)
     old = extract_features(p1, tiny_data, "test", workdir=tmp_path, device="cpu", quiet=True)
@@ -152,8 +152,15 @@ def test_corrupt_features_file_is_a_clear_error(tmp_path, tiny_data):
     art = extract_features(enc, tiny_data, "test", workdir=tmp_path, device="cpu", quiet=True)
     with h5py.File(art.path / "features.h5", "w") as f:
         f.create_dataset("labels", data=np.zeros(3))
-    with pytest.raises(RelicError, match="corrupt features.h5"):
+    with pytest.raises(RelicError, match=r"features.h5 has \d+ bytes, its manifest records \d+: damaged"):
         read_features(art)
+    # A file that matches its manifest but lacks a dataset.
+    with Staging(tmp_path, "features", "odd") as staging:
+        with h5py.File(staging.dir / "features.h5", "w") as f:
+            f.create_dataset("labels", data=np.zeros(3))
+        odd = staging.commit(config={})
+    with pytest.raises(RelicError, match="corrupt features.h5"):
+        read_features(odd)
 
 
 def test_features_command(tmp_path, cli):

@@ -204,15 +204,60 @@ def _load_synthetic(spec, limit_train, limit_test, image_size, seed) -> Dataset:
     )
 
 
+def _plain_dtype(*args) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("holds an array of Python objects")
+    return dtype
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes at protocol 2 as _codecs.encode(text, "latin1"); no other codec.
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"would decode text with {encoding!r}")
+    return text.encode("latin1")
+
+
+# Everything a CIFAR python file may reference: numpy arrays as numpy pickles them (protocol 2:
+# _reconstruct + ndarray + dtype; protocol 5: _frombuffer), under both numpy 1 and 2 module names.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes, str, numbers and numpy arrays only: a pickle can name any
+    callable and have it run on load, so every other global is refused."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"would call {module}.{name}") from None
+
+
 def _unpickle(path: Path) -> dict:
-    # The official CIFAR python files are pickles of plain dicts of bytes/lists/ndarrays.
     if not path.exists():
         raise RelicError(f"missing CIFAR file {path}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise RelicError(f"refused CIFAR file {path}: it {e} (the official python version holds only "
+                         "arrays, lists, strings and numbers)") from None
+    except (EOFError, ValueError, TypeError, OSError, IndexError, KeyError, AttributeError, MemoryError) as e:
         raise RelicError(f"corrupt or truncated CIFAR file {path}: {e}") from None
+    if not isinstance(batch, dict):
+        raise RelicError(f"corrupt CIFAR file {path}: holds a {type(batch).__name__}, not a dict")
+    return batch
 
 
 def _load_cifar(spec: str, path: Path, kind: str) -> Dataset:
@@ -226,21 +271,62 @@ def _load_cifar(spec: str, path: Path, kind: str) -> Dataset:
         label_key, names_key = b"fine_labels", b"fine_label_names"
     if not (folder / meta_file).exists():
         raise RelicError(f"{spec}: no {folder_name}/{meta_file} under {path} (expected the official python version)")
+    meta = _unpickle(folder / meta_file)
+    names = meta.get(names_key)
+    if not isinstance(names, list) or not names or not all(isinstance(n, bytes) for n in names):
+        raise RelicError(f"corrupt CIFAR file {folder / meta_file}: {names_key.decode()} is not a list of names")
+    names = [n.decode(errors="replace") for n in names]
 
     def read(files: list[str]) -> Split:
         images, labels = [], []
         for name in files:
-            batch = _unpickle(folder / name)
-            try:
-                data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
-                labels.append(np.asarray(batch[label_key], np.int64))
-            except (KeyError, ValueError) as e:
-                raise RelicError(f"corrupt CIFAR file {folder / name}: {e}") from None
-            images.append(data.transpose(0, 2, 3, 1))
+            source = folder / name
+            batch = _unpickle(source)
+            if b"data" not in batch or label_key not in batch:
+                raise RelicError(f"corrupt CIFAR file {source}: no {label_key.decode()!r} or 'data' entry")
+            data = batch[b"data"]
+            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                    and data.shape[1] == 3 * 32 * 32):
+                found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+                raise RelicError(f"corrupt CIFAR file {source}: data must be uint8 (N, 3072) (32x32 RGB), "
+                                 f"found {found}")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(check_labels(batch[label_key], len(data), len(names), f"{len(names)} label names",
+                                       str(source)))
         return Split(labels=np.concatenate(labels), _images=np.ascontiguousarray(np.concatenate(images)))
 
-    names = [n.decode() for n in _unpickle(folder / meta_file)[names_key]]
     return Dataset(spec=spec, train=read(train_files), test=read(test_files), class_names=names)
+
+
+MAX_CLASSES = 100_000  # bounds the class count of sources without class names (npz)
+
+
+def check_labels(labels, count: int, num_classes: int, classes: str, source: str) -> np.ndarray:
+    """Labels as int64 (N,), or a RelicError naming `source`: 1-D (or (N, 1)) integers in
+    [0, num_classes), one per image. `classes` says where num_classes comes from, for the message."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise RelicError(f"{source}: labels must be 1-D (one per image), found shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise RelicError(f"{source}: labels must be integers, found {labels.dtype}")
+    if len(labels) != count:
+        raise RelicError(f"{source}: {count} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise RelicError(f"{source}: label {bad} outside [0, {num_classes}) ({classes})")
+    return labels.astype(np.int64)
+
+
+def check_images(images: np.ndarray, source: str) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, 1|3) with N, H, W > 0, returned as RGB (N, H, W, 3)."""
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
+        raise RelicError(f"{source}: images must be uint8 (N, H, W) grey or (N, H, W, 1|3), "
+                         f"found {images.dtype} {images.shape}")
+    if 0 in images.shape:
+        raise RelicError(f"{source}: no images (shape {images.shape})")
+    return _as_rgb(images)
 
 
 FASHION_MNIST_CLASSES = [
@@ -275,11 +361,12 @@ def _find_idx(folder: Path, stem: str) -> Path:
 
 def _load_fashion_mnist(spec: str, path: Path) -> Dataset:
     def read(prefix: str) -> Split:
-        images = _read_idx(_find_idx(path, f"{prefix}-images-idx3-ubyte"))
-        labels = _read_idx(_find_idx(path, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-        if len(images) != len(labels):
-            raise RelicError(f"{spec}: {prefix} has {len(images)} images but {len(labels)} labels")
-        return Split(labels=labels, _images=_as_rgb(images))
+        images_file = _find_idx(path, f"{prefix}-images-idx3-ubyte")
+        labels_file = _find_idx(path, f"{prefix}-labels-idx1-ubyte")
+        images = check_images(_read_idx(images_file), str(images_file))
+        labels = check_labels(_read_idx(labels_file), len(images), len(FASHION_MNIST_CLASSES),
+                              "Fashion-MNIST's 10 classes", str(labels_file))
+        return Split(labels=labels, _images=images)
 
     return Dataset(spec=spec, train=read("train"), test=read("t10k"), class_names=list(FASHION_MNIST_CLASSES))
 
@@ -294,22 +381,18 @@ def _load_npz(spec: str, path: Path) -> Dataset:
     if missing:
         raise RelicError(f"{path}: missing keys {', '.join(missing)} (needs x_train, y_train, x_test, y_test)")
 
-    def split(x: np.ndarray, y: np.ndarray, name: str) -> Split:
-        if x.dtype != np.uint8 or x.ndim not in (3, 4):
-            raise RelicError(f"{path}: x_{name} must be uint8 (N, H, W[, C]), found {x.dtype} {x.shape}")
-        if len(x) != len(y):
-            raise RelicError(f"{path}: x_{name} has {len(x)} images but y_{name} has {len(y)} labels")
-        return Split(labels=y.astype(np.int64).reshape(-1), _images=_as_rgb(x))
+    names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    bound = (len(names), f"{len(names)} class_names") if names is not None else \
+        (MAX_CLASSES, f"at most {MAX_CLASSES:,} classes without class_names")
 
-    train = split(arrays["x_train"], arrays["y_train"], "train")
-    test = split(arrays["x_test"], arrays["y_test"], "test")
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    if "class_names" in arrays:
-        names = [str(n) for n in arrays["class_names"]]
-        if len(names) < num_classes:
-            raise RelicError(f"{path}: {len(names)} class_names but labels go up to {num_classes - 1}")
-    else:
-        names = [str(i) for i in range(num_classes)]
+    def split(name: str) -> Split:
+        x, y = arrays[f"x_{name}"], arrays[f"y_{name}"]
+        images = check_images(x, f"{path} x_{name}")
+        return Split(labels=check_labels(y, len(x), *bound, f"{path} y_{name}"), _images=images)
+
+    train, test = split("train"), split("test")
+    if names is None:
+        names = [str(i) for i in range(int(max(train.labels.max(), test.labels.max())) + 1)]
     return Dataset(spec=spec, train=train, test=test, class_names=names)
 
 
@@ -365,13 +448,26 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
     )
 
 
+def _read_image(path: str) -> tuple[str | None, np.ndarray | None]:
+    """(problem, BGR image). libjpeg decodes a truncated JPEG partly, with only a warning on
+    stderr, so a JPEG must end with its end-of-image marker (trailing zero padding allowed)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return "unreadable", None
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return "truncated", None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    return ("unreadable", None) if image is None else (None, image)
+
+
 def _decode_files(files: list[str], image_size: int | None, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
     images, keep = [], []
     for i, f in enumerate(files):
-        image = cv2.imread(f, cv2.IMREAD_COLOR)
-        if image is None:
+        problem, image = _read_image(f)
+        if problem:
             if not skip_bad:
-                raise RelicError(f"unreadable image {f} (use --skip-bad to skip such files)")
+                raise RelicError(f"{problem} image {f} (use --skip-bad to skip such files)")
             continue
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if image_size is not None:

@@ -12,7 +12,7 @@ pre-training views). When the encoder knows the side it was trained at (a pretra
 `torchvision:` encoders see the images at their own size (use --image-size to resize the data).
 
 Caching. The artifact name is `{encoder}-{split}-{key[:12]}` where `key` hashes the encoder's
-weights identity (pretrain digest, file sha256 or random-init recipe), the split's content
+weights (sha256 of the pretrain backbone or torchvision file, or the random-init recipe), the split's content
 fingerprint (images and labels, limits included), the split name, the view size and the precision.
 Any evaluation that needs the same features finds them under the same name and reuses them. The
 split fingerprint is used rather than the whole dataset's, so `--limit-test` does not invalidate
