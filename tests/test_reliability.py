@@ -286,6 +286,13 @@ def test_truncated_jpeg_is_named_or_skipped_and_counted(tmp_path, cli):
     assert re.search(r"train images +│ 4  \(per class: 2, 2\)", result.out), result.out
     assert re.search(r"test images +│ 5  \(per class: 3, 2\)", result.out), result.out
     assert f"1 unreadable or truncated, first {bad}" in result.out
+    # Data appended after the end-of-image marker (camera trailers) is not truncation.
+    bad.unlink()
+    trailer = tmp_path / "train" / "dog" / "0.jpg"
+    trailer.write_bytes(trailer.read_bytes() + b"TRAILER\xff\xd8 appended by a camera")
+    result = cli("data", "info", f"imagefolder:{tmp_path}")
+    assert result.code == 0, result.err
+    assert re.search(r"train images +│ 4  \(per class: 2, 2\)", result.out), result.out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -450,12 +450,14 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
 
 def _read_image(path: str) -> tuple[str | None, np.ndarray | None]:
     """(problem, BGR image). libjpeg decodes a truncated JPEG partly, with only a warning on
-    stderr, so a JPEG must end with its end-of-image marker (trailing zero padding allowed)."""
+    stderr, so a JPEG's last scan (SOS marker) must be followed by an end-of-image marker. Compressed
+    data cannot hold FF D9 (FF is stuffed), so this also admits EXIF thumbnails before the image and
+    data appended after its end (camera trailers), which a plain "ends with FF D9" test would refuse."""
     try:
         data = Path(path).read_bytes()
     except OSError:
         return "unreadable", None
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
         return "truncated", None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     return ("unreadable", None) if image is None else (None, image)
