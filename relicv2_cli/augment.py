@@ -18,6 +18,7 @@ from torchvision.ops import roi_align
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+JITTERS = ("byol", "torchvision")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ViewConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     mask_prob: float = 0.1
     blur: bool = True  # False disables blur entirely (usual at 32 px)
+    jitter: str = "byol"  # colour jitter semantics: "byol" (BYOL's released code) or "torchvision"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     # Large crop i uses presets[i % 2] (A, B, A, B, ...); small crops use small_preset.
@@ -174,6 +176,100 @@ def _uniform_factor(strength: torch.Tensor, generator: torch.Generator) -> torch
     return low + (1 + strength - low) * _rand(strength.shape, generator, strength.device)
 
 
+def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) RGB in [0, 1] -> hue in [0, 1), saturation, value, each (N, H, W)."""
+    r, g, b = x.unbind(1)
+    value = x.amax(1)
+    chroma = value - x.amin(1)
+    saturation = chroma / torch.where(value > 0, value, 1.0)
+    c = torch.where(chroma > 0, chroma, 1.0)  # grey pixels: any finite value, hue set to 0 below
+    hue = torch.where(r == value, (g - b) / c, torch.where(g == value, (b - r) / c + 2, (r - g) / c + 4))
+    hue = torch.where(chroma > 0, hue / 6, 0.0)
+    return hue % 1.0, saturation, value
+
+
+def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Inverse of rgb_to_hsv: channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1),
+    k = (n' + 6 h) mod 6 with n' = 5, 3, 1."""
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
+    k = (offsets + 6 * hue.unsqueeze(1)) % 6
+    ramp = torch.minimum(k, 4 - k).clamp(0, 1)
+    return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * ramp
+
+
+def _byol_jitter(x: torch.Tensor, jitter: torch.Tensor, ps, generator: torch.Generator) -> torch.Tensor:
+    """Draw BYOL's per-sample jitter parameters and apply them (byol_jitter)."""
+    n = x.shape[0]
+
+    def signed(strength: torch.Tensor) -> torch.Tensor:  # U(-strength, strength)
+        return (2 * _rand(n, generator, x.device) - 1) * strength
+
+    brightness, contrast = signed(ps("brightness")), 1 + signed(ps("contrast"))
+    saturation, hue = 1 + signed(ps("saturation")), signed(ps("hue"))
+    order = _rand((n, 4), generator, x.device).argsort(dim=1)  # a uniform random permutation per sample
+    return byol_jitter(x, jitter, brightness, contrast, saturation, hue, order)
+
+
+def byol_jitter(
+    x: torch.Tensor,
+    apply: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    hue: torch.Tensor,
+    order: torch.Tensor,
+) -> torch.Tensor:
+    """BYOL's colour jitter (its released augmentations, which follow TF's image ops) on x (N, 3, H, W)
+    in [0, 1], with per-sample parameters (N,): brightness adds a shift; contrast scales each channel
+    about its own mean; saturation scales S in HSV (S clipped to [0, 1]); hue adds a shift to H in HSV
+    (mod 1); the image is clipped to [0, 1] after each op; op order[i, k] (0 brightness, 1 contrast,
+    2 saturation, 3 hue) runs k-th on sample i; samples with apply False are unchanged.
+    Batched without data-dependent control flow (no host synchronisation on a GPU): at each of the 4
+    positions every sample goes through all four ops, each a no-op except the one its order puts there.
+    """
+    n = x.shape[0]
+    for position in range(4):
+        op = torch.where(apply, order[:, position], -1)
+        x = (x + torch.where(op == 0, brightness, 0.0).view(n, 1, 1, 1)).clamp(0, 1)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        scaled = ((x - mean) * contrast.view(n, 1, 1, 1) + mean).clamp(0, 1)
+        x = torch.where((op == 1).view(n, 1, 1, 1), scaled, x)
+        h, s, v = rgb_to_hsv(x)
+        s = torch.where((op == 2).view(n, 1, 1), (s * saturation.view(n, 1, 1)).clamp(0, 1), s)
+        h = torch.where((op == 3).view(n, 1, 1), (h + hue.view(n, 1, 1)) % 1.0, h)
+        shifted = hsv_to_rgb(h, s, v).clamp(0, 1)
+        x = torch.where(((op == 2) | (op == 3)).view(n, 1, 1, 1), shifted, x)  # others skip the round trip's rounding
+    return x
+
+
+def _torchvision_jitter(x: torch.Tensor, jitter: torch.Tensor, ps, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter semantics: brightness, contrast (towards the mean grey level) and
+    saturation (towards the grey image) as factors U(max(0, 1 - s), 1 + s), hue as a chroma rotation
+    in YIQ (a linear stand-in for the HSV shift); one random order of the four ops per call."""
+    n = x.shape[0]
+    dev = x.device
+
+    def bcast(v: torch.Tensor) -> torch.Tensor:
+        return v.view(n, 1, 1, 1)
+
+    # Identity factors (1, 1, 1, 0) for samples that do not draw the jitter.
+    brightness = torch.where(jitter, _uniform_factor(ps("brightness"), generator), 1.0)
+    contrast = torch.where(jitter, _uniform_factor(ps("contrast"), generator), 1.0)
+    saturation = torch.where(jitter, _uniform_factor(ps("saturation"), generator), 1.0)
+    hue = torch.where(jitter, (2 * _rand(n, generator, dev) - 1) * ps("hue"), 0.0)
+    for op in torch.randperm(4, generator=generator, device=generator.device).tolist():
+        if op == 0:
+            x = (x * bcast(brightness)).clamp(0, 1)
+        elif op == 1:  # blend with the per-image mean grey level
+            mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
+            x = (bcast(contrast) * x + (1 - bcast(contrast)) * mean).clamp(0, 1)
+        elif op == 2:  # blend with the greyscale image
+            x = (bcast(saturation) * x + (1 - bcast(saturation)) * _grey(x)).clamp(0, 1)
+        else:
+            x = torch.einsum("nij,njhw->nihw", _hue_matrices(hue).to(x.dtype), x).clamp(0, 1)
+    return x
+
+
 def blur_kernel_size(size: int) -> int:
     """About 10% of the side, odd, at least 3 (23 at 224 px as in BYOL, 3 at 32 px)."""
     k = max(3, int(0.1 * size))
@@ -200,12 +296,16 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def augment(
-    x: torch.Tensor, presets: list[AugmentPreset], generator: torch.Generator, blur: bool = True
+    x: torch.Tensor,
+    presets: list[AugmentPreset],
+    generator: torch.Generator,
+    blur: bool = True,
+    jitter_form: str = "byol",
 ) -> torch.Tensor:
     """Flip, colour jitter, greyscale, blur, solarise on x (len(presets) * B, 3, S, S) in [0, 1].
 
-    Consecutive groups of B samples use one preset each. Jitter ops run in one random order per
-    call (shared by the batch; torchvision draws one per image), each with per-sample factors.
+    Consecutive groups of B samples use one preset each; every random choice is per sample.
+    jitter_form: "byol" (_byol_jitter) or "torchvision" (_torchvision_jitter).
     """
     n = x.shape[0]
     batch = n // len(presets)
@@ -220,23 +320,11 @@ def augment(
     flip = _coin(ps("flip_p"), generator)
     x = torch.where(bcast(flip), x.flip(-1), x)
 
-    # Colour jitter: identity factors (1, 1, 1, 0) for samples that do not draw it.
     jitter = _coin(ps("jitter_p"), generator)
-    brightness = torch.where(jitter, _uniform_factor(ps("brightness"), generator), 1.0)
-    contrast = torch.where(jitter, _uniform_factor(ps("contrast"), generator), 1.0)
-    saturation = torch.where(jitter, _uniform_factor(ps("saturation"), generator), 1.0)
-    hue_strength = ps("hue")
-    hue = torch.where(jitter, (2 * _rand(n, generator, dev) - 1) * hue_strength, 0.0)
-    for op in torch.randperm(4, generator=generator, device=generator.device).tolist():
-        if op == 0:
-            x = (x * bcast(brightness)).clamp(0, 1)
-        elif op == 1:  # blend with the per-image mean grey level
-            mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
-            x = (bcast(contrast) * x + (1 - bcast(contrast)) * mean).clamp(0, 1)
-        elif op == 2:  # blend with the greyscale image
-            x = (bcast(saturation) * x + (1 - bcast(saturation)) * _grey(x)).clamp(0, 1)
-        else:
-            x = torch.einsum("nij,njhw->nihw", _hue_matrices(hue).to(x.dtype), x).clamp(0, 1)
+    if jitter_form == "byol":
+        x = _byol_jitter(x, jitter, ps, generator)
+    else:
+        x = _torchvision_jitter(x, jitter, ps, generator)
 
     gray = _coin(ps("gray_p"), generator)
     x = torch.where(bcast(gray), _grey(x).expand_as(x), x)
@@ -291,7 +379,7 @@ def make_views(
         index = torch.arange(b, device=dev).repeat(L) + offset * masked.reshape(-1).long()
         crops = crop_resize(source, boxes, index, cfg.large_size)
         presets = [cfg.presets[i % len(cfg.presets)] for i in range(L)]
-        crops = normalize(augment(crops, presets, generator, cfg.blur), cfg.mean, cfg.std)
+        crops = normalize(augment(crops, presets, generator, cfg.blur, cfg.jitter), cfg.mean, cfg.std)
         large = list(crops.chunk(L))
 
     small: list[torch.Tensor] = []
@@ -299,7 +387,7 @@ def make_views(
         boxes = sample_boxes(S * b, h, w, cfg.small_scale, cfg.ratio, generator, dev)
         index = torch.arange(b, device=dev).repeat(S)
         crops = crop_resize(x, boxes, index, cfg.small_size)
-        crops = normalize(augment(crops, [cfg.small_preset] * S, generator, cfg.blur), cfg.mean, cfg.std)
+        crops = normalize(augment(crops, [cfg.small_preset] * S, generator, cfg.blur, cfg.jitter), cfg.mean, cfg.std)
         small = list(crops.chunk(S))
     return Views(large=large, small=small, masked=masked)
 

@@ -1,3 +1,4 @@
+import colorsys
 import math
 
 import pytest
@@ -12,9 +13,12 @@ from relicv2_cli.augment import (
     _hue_matrices,
     augment,
     blur_kernel_size,
+    byol_jitter,
     center_view,
     crop_resize,
+    hsv_to_rgb,
     make_views,
+    rgb_to_hsv,
     sample_boxes,
 )
 
@@ -203,13 +207,85 @@ def test_presets_apply_per_group():
     torch.testing.assert_close(out[4:], torch.where(x[4:] >= 0.5, 1 - x[4:], x[4:]))
 
 
+def test_hsv_conversions_match_colorsys():
+    x = torch.rand(2, 3, 5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[0, :, 0, 0] = 0.25  # a grey pixel: hue and saturation 0
+    x[0, :, 0, 1] = 0.0  # black
+    h, s, v = rgb_to_hsv(x)
+    for n, i, j in [(0, 0, 0), (0, 0, 1), (0, 2, 3), (1, 4, 6), (1, 1, 2)]:
+        want = colorsys.rgb_to_hsv(*x[n, :, i, j].tolist())
+        assert (h[n, i, j].item(), s[n, i, j].item(), v[n, i, j].item()) == pytest.approx(want, abs=1e-12)
+    torch.testing.assert_close(hsv_to_rgb(h, s, v), x, atol=1e-12, rtol=0)
+
+
+def _byol_reference(image: torch.Tensor, brightness, contrast, saturation, hue, order) -> torch.Tensor:
+    """One image, BYOL's ops one after the other in its order: the straightforward way."""
+    x = image.clone()
+    for op in order:
+        if op == 0:
+            x = (x + brightness).clamp(0, 1)
+        elif op == 1:
+            mean = x.mean(dim=(1, 2), keepdim=True)  # per channel
+            x = ((x - mean) * contrast + mean).clamp(0, 1)
+        elif op == 2:  # S scaled in HSV, pixel by pixel
+            pixels = [colorsys.rgb_to_hsv(*p) for p in x.reshape(3, -1).T.tolist()]
+            rgb = [colorsys.hsv_to_rgb(h, min(max(s * saturation, 0.0), 1.0), v) for h, s, v in pixels]
+            x = torch.tensor(rgb, dtype=x.dtype).T.reshape(x.shape).clamp(0, 1)
+        else:  # H shifted in HSV: torchvision's adjust_hue does exactly that
+            x = TF.adjust_hue(x, hue).clamp(0, 1)
+    return x
+
+
+def test_byol_jitter_matches_a_per_image_reference():
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    x = torch.rand(n, 3, 6, 6, generator=g, dtype=torch.float64)
+    brightness = (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * 0.4
+    contrast = 1 + (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * 0.4
+    saturation = 1 + (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * 0.2
+    hue = (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1) * 0.1
+    order = torch.rand(n, 4, generator=g).argsort(dim=1)
+    apply = torch.ones(n, dtype=torch.bool)
+    apply[5] = False
+    out = byol_jitter(x, apply, brightness, contrast, saturation, hue, order)
+    assert len({tuple(o) for o in order.tolist()}) > 6  # orders really differ between images
+    for i in range(n):
+        if not apply[i]:
+            assert torch.equal(out[i], x[i])
+            continue
+        want = _byol_reference(x[i], brightness[i].item(), contrast[i].item(), saturation[i].item(), hue[i].item(),
+                               order[i].tolist())
+        torch.testing.assert_close(out[i], want, atol=1e-6, rtol=0)
+
+
+def test_byol_jitter_draws_an_order_per_image_and_additive_brightness():
+    g = torch.Generator().manual_seed(0)
+    brightness_only = AugmentPreset(flip_p=0, jitter_p=1.0, brightness=0.4, contrast=0, saturation=0, hue=0,
+                                    gray_p=0, blur_p=0, solarize_p=0)
+    grey = torch.full((4000, 3, 2, 2), 0.5)
+    shift = (augment(grey, [brightness_only], g) - 0.5)[:, 0, 0, 0]
+    # BYOL: x + U(-0.4, 0.4); torchvision would give x * U(0.6, 1.4), i.e. shifts in [-0.2, 0.2] here.
+    assert shift.min() < -0.38 and shift.max() > 0.38
+    assert shift.mean().abs() < 0.02 and shift.std().item() == pytest.approx(0.8 / math.sqrt(12), rel=0.05)
+
+
+def test_torchvision_jitter_is_kept_as_an_option():
+    g = torch.Generator().manual_seed(0)
+    brightness_only = AugmentPreset(flip_p=0, jitter_p=1.0, brightness=0.4, contrast=0, saturation=0, hue=0,
+                                    gray_p=0, blur_p=0, solarize_p=0)
+    grey = torch.full((2000, 3, 2, 2), 0.5)
+    factor = (augment(grey, [brightness_only], g, jitter_form="torchvision") / 0.5)[:, 0, 0, 0]
+    assert factor.min() >= 0.6 - 1e-6 and factor.max() <= 1.4 + 1e-6 and factor.min() < 0.62
+
+
 def test_colour_jitter_range_and_grey_invariance():
     g = torch.Generator().manual_seed(0)
     jitter = AugmentPreset(flip_p=0, jitter_p=1.0, gray_p=0, blur_p=0, solarize_p=0)
     x = torch.rand(64, 3, 8, 8, generator=g)
-    out = augment(x, [jitter], g)
-    assert out.min() >= 0 and out.max() <= 1
-    assert not torch.allclose(out, x)
+    for form in ("byol", "torchvision"):
+        out = augment(x, [jitter], g, jitter_form=form)
+        assert out.min() >= 0 and out.max() <= 1
+        assert not torch.allclose(out, x)
     # Hue rotation about the grey axis: identity at 0, grey stays grey, a full turn is the identity.
     mats = _hue_matrices(torch.tensor([0.0, 0.3, 1.0]))
     torch.testing.assert_close(mats[0], torch.eye(3), atol=1e-5, rtol=0)
@@ -227,7 +303,8 @@ def test_colour_jitter_range_and_grey_invariance():
         solarize_p=0,
     )
     grey_img = torch.rand(8, 1, 4, 4, generator=g).expand(-1, 3, -1, -1) * 0.5
-    torch.testing.assert_close(augment(grey_img, [hue_only], g), grey_img, atol=1e-5, rtol=0)
+    for form in ("byol", "torchvision"):
+        torch.testing.assert_close(augment(grey_img, [hue_only], g, jitter_form=form), grey_img, atol=1e-5, rtol=0)
 
 
 def test_blur():
