@@ -36,7 +36,8 @@ class ResNet(nn.Module):
     bottleneck's inner conv, so neither gives the SimCLR/BYOL "2x/4x" networks.
     """
 
-    def __init__(self, block: type[nn.Module], layers: list[int], width: float = 1.0, stem: str = "imagenet"):
+    def __init__(self, block: type[nn.Module], layers: list[int], width: float = 1.0, stem: str = "imagenet",
+                 zero_init_residual: bool = False):
         super().__init__()
         planes = [int(64 * width * 2**i) for i in range(4)]
         self.inplanes = planes[0]
@@ -55,13 +56,20 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Identity()  # forward returns pooled features; heads live outside the encoder
         self.feature_dim = planes[3] * block.expansion
-        # torchvision's default init (no zero-init of the last BN gamma in each block).
+        # torchvision's init; zero_init_residual (BYOL's ResNet, torchvision's option of that name)
+        # zeroes the last BN scale of each residual block, so every block starts as the identity.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -81,8 +89,9 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_resnet(arch: str, width: float = 1.0, stem: str = "imagenet") -> ResNet:
-    """A ResNet encoder returning pooled features (B, feature_dim)."""
+def build_resnet(arch: str, width: float = 1.0, stem: str = "imagenet", zero_init_residual: bool = False) -> ResNet:
+    """A ResNet encoder returning pooled features (B, feature_dim). zero_init_residual is a
+    pre-training choice; baselines (random init) keep torchvision's default init."""
     if arch not in _SPECS:
         raise RelicError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     if not isinstance(width, int | float) or float(width) not in WIDTHS:
@@ -90,18 +99,19 @@ def build_resnet(arch: str, width: float = 1.0, stem: str = "imagenet") -> ResNe
     if stem not in STEMS:
         raise RelicError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
     block, layers = _SPECS[arch]
-    return ResNet(block, layers, float(width), stem)
+    return ResNet(block, layers, float(width), stem, zero_init_residual)
 
 
 class MLPHead(nn.Sequential):
-    """BYOL projector/predictor: Linear -> BatchNorm1d -> ReLU -> Linear."""
+    """BYOL projector/predictor: Linear -> BatchNorm1d -> ReLU -> Linear (without a bias in BYOL's
+    released MLP: out_bias=False)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256):
+    def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256, out_bias: bool = False):
         super().__init__(
             nn.Linear(in_dim, hidden_dim),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
+            nn.Linear(hidden_dim, out_dim, bias=out_bias),
         )
         self.out_dim = out_dim
 
@@ -129,11 +139,15 @@ def build_network(
     hidden_dim: int = 4096,
     out_dim: int = 256,
     predictor: bool = True,
+    zero_init_residual: bool = True,
+    head_out_bias: bool = False,
 ) -> SSLNetwork:
-    """Online network: ResNet encoder + MLP projector (+ MLP predictor of the same hidden size)."""
-    encoder = build_resnet(arch, width, stem)
-    projector = MLPHead(encoder.feature_dim, hidden_dim, out_dim)
-    return SSLNetwork(encoder, projector, MLPHead(out_dim, hidden_dim, out_dim) if predictor else None)
+    """Online network: ResNet encoder + MLP projector (+ MLP predictor of the same hidden size).
+    Defaults are BYOL's: last BN scale of each block zeroed, no bias in the heads' last Linear."""
+    encoder = build_resnet(arch, width, stem, zero_init_residual)
+    projector = MLPHead(encoder.feature_dim, hidden_dim, out_dim, head_out_bias)
+    predictor_head = MLPHead(out_dim, hidden_dim, out_dim, head_out_bias) if predictor else None
+    return SSLNetwork(encoder, projector, predictor_head)
 
 
 def make_target(online: SSLNetwork) -> SSLNetwork:

@@ -111,6 +111,29 @@ def test_mlp_head_and_network_outputs():
     assert isinstance(no_pred.predictor, nn.Identity) and p is z
 
 
+@pytest.mark.parametrize("arch, last_bn", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_byol_network_details_and_their_switches(arch, last_bn):
+    # BYOL's defaults: every residual block starts as the identity (last BN scale 0), heads end
+    # without a bias; baselines built with build_resnet keep torchvision's init.
+    net = build_network(arch, width=0.25, stem="cifar", hidden_dim=32, out_dim=16)
+    blocks = [m for layer in (net.encoder.layer1, net.encoder.layer2, net.encoder.layer3, net.encoder.layer4)
+              for m in layer]
+    assert all(torch.all(getattr(b, last_bn).weight == 0) for b in blocks)
+    assert net.encoder.bn1.weight.abs().sum() > 0  # the stem is not a residual block
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():  # a zero-init block is the identity: layer1's first block passes its input
+        stem = net.encoder.maxpool(net.encoder.relu(net.encoder.bn1(net.encoder.conv1(x))))
+        if blocks[0].downsample is None:
+            torch.testing.assert_close(blocks[0](stem), torch.relu(stem))
+    assert net.projector[3].bias is None and net.predictor[3].bias is None
+    plain = build_network(arch, width=0.25, stem="cifar", hidden_dim=32, out_dim=16, zero_init_residual=False,
+                          head_out_bias=True)
+    assert all(getattr(b, last_bn).weight.abs().sum() > 0 for b in (plain.encoder.layer1[0], plain.encoder.layer4[-1]))
+    assert plain.projector[3].bias is not None and plain.predictor[3].bias is not None
+    baseline = build_resnet(arch, 0.25, "cifar")
+    assert getattr(baseline.layer1[0], last_bn).weight.abs().sum() > 0
+
+
 def _tiny_online():
     enc = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5))
     enc.feature_dim = 5
