@@ -6,7 +6,7 @@ global batch and a chosen number of threads per process (OMP_NUM_THREADS), reads
 rank 0's metrics.jsonl (images/s of the global batch, warm-up steps skipped) and writes
 bench/results/distributed_<device>.json.
 
-    python bench/bench_distributed.py                    # synthetic 32 px, batch 64: 1x1, 2x1, 1x2 (procs x threads)
+    python bench/bench_distributed.py    # synthetic 32 px, batch 64: 1x1, 2x1, 1x2 (procs x threads)
     python bench/bench_distributed.py --runs 1:1,2:1,4:1 --batch-size 256 --steps 20 --device cuda
 
 On CPU the interesting comparison is at equal cores: 2 processes of 1 thread against 1 process of
@@ -37,16 +37,19 @@ def free_port() -> int:
 
 
 def run(nproc: int, threads: int, args: argparse.Namespace, workdir: Path) -> dict:
-    pretrain = ["pretrain", args.spec, "--limit-train", str(args.batch_size * (args.steps + 1)), "--limit-test", "64",
+    pretrain = ["pretrain", args.spec, "--limit-train", str(args.batch_size * (args.steps + 1)),
+                "--limit-test", "64",
                 "--image-size", "32", "--width", str(args.width), "--proj-hidden", "256", "--proj-dim", "64",
                 "--batch-size", str(args.batch_size), "--epochs", "1", "--max-steps", str(args.steps),
-                "--log-every", "1", "--eval-every", "0", "--precision", args.precision, "--device", args.device,
+                "--log-every", "1", "--eval-every", "0", "--precision", args.precision, "--device",
+                args.device,
                 "--dist-sampling", args.sampling, "--checkpoint-every", "100000", "--quiet",
                 "--workdir", str(workdir), "--name", f"n{nproc}t{threads}"]
     if nproc == 1:
         cmd = [sys.executable, "-m", "relicv2_cli", *pretrain]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", "-m", "relicv2_cli", *pretrain]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads per process
     start = time.perf_counter()
@@ -54,7 +57,8 @@ def run(nproc: int, threads: int, args: argparse.Namespace, workdir: Path) -> di
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{nproc} processes failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (workdir / "pretrain" / f"n{nproc}t{threads}" / "metrics.jsonl").read_text().splitlines()]
+    log = workdir / "pretrain" / f"n{nproc}t{threads}" / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
     steady = [r for r in rows if "images_per_s" in r and r["step"] > args.warmup]
     images_per_s = sum(r["images_per_s"] for r in steady) / len(steady)
     return {"processes": nproc, "threads_per_process": threads, "images_per_s": round(images_per_s, 1),
@@ -64,9 +68,11 @@ def run(nproc: int, threads: int, args: argparse.Namespace, workdir: Path) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="1:1,2:1,1:2",
-                        help="comma-separated PROCESSES:THREADS_PER_PROCESS (default: 1 process on 1 core, 2 processes "
+                        help="comma-separated PROCESSES:THREADS_PER_PROCESS (default: 1 process on 1 core, "
+                             "2 processes "
                              "on 1 core each, 1 process on 2 cores)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the average")
@@ -97,7 +103,8 @@ def main() -> None:
     for r in results:
         r["speedup_vs_first"] = round(r["images_per_s"] / base, 3)
         r["cores_used"] = r["processes"] * r["threads_per_process"]
-    report = {"device": args.device, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    report = {"device": args.device, "machine": platform.processor() or platform.machine(),
+              "cores": os.cpu_count(),
               "spec": args.spec, "arch": "resnet18", "width": args.width, "global_batch": args.batch_size,
               "views": "2x32px + 2x16px", "precision": args.precision, "dist_sampling": args.sampling,
               "load_average_at_end": round(os.getloadavg()[0], 2), "runs": results}

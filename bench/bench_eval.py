@@ -54,8 +54,10 @@ def run_stage(args: list[str], force: bool) -> tuple[dict, float, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("RELICV2_DATA", str(ROOT.parent / "shared" / "data")))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("RELICV2_DATA",
+                                                         str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--pretrain", action="append", default=[], metavar="LABEL=ARTIFACT")
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--width", default="1")
@@ -86,7 +88,8 @@ def main() -> None:
         manifest, wall, command = run_stage(
             ["eval", "linear", encoder, spec, *model, *common, "--name", f"{tag}-linear"], args.force)
         m = manifest["metrics"]
-        results.append({"encoder": label, "spec": encoder, "protocol": "linear (cached, L-BFGS)", "top1": m["top1"],
+        results.append({"encoder": label, "spec": encoder, "protocol": "linear (cached, L-BFGS)",
+                        "top1": m["top1"],
                         "top5": m["top5"], "l2": m.get("l2"), "features_s": m.get("features_seconds"),
                         "solver_s": m.get("solver_seconds"), "wall_s": round(wall, 1), "command": command})
         print(json.dumps(results[-1]), flush=True)
@@ -98,7 +101,8 @@ def main() -> None:
         for fraction, n_epochs in zip(fractions, epochs, strict=True):
             manifest, wall, command = run_stage(
                 ["eval", "semi", encoder, spec, "--fraction", fraction, "--epochs", n_epochs,
-                 *(["--batch-size", args.semi_batch] if args.semi_batch else []), *model, *common, "--name", f"{tag}-semi-{fraction}"], args.force)
+                 *(["--batch-size", args.semi_batch] if args.semi_batch else []), *model, *common, "--name",
+                 f"{tag}-semi-{fraction}"], args.force)
             m = manifest["metrics"]
             results.append({"encoder": label, "spec": encoder, "protocol": f"semi {float(fraction) * 100:g}%",
                             "top1": m["top1"], "top5": m["top5"], "labelled": m["subset_size"],
@@ -114,13 +118,15 @@ def main() -> None:
     lines = ["| encoder | protocol | top-1 | top-5 | notes | wall |", "|---|---|---|---|---|---|"]
     for r in results:
         if r["protocol"].startswith("linear"):
-            note = f"L2 {r['l2']:.2g}; features {r['features_s']:.0f} s, solver {sum(r['solver_s'].values()):.0f} s"
+            solver_s = sum(r["solver_s"].values())
+            note = f"L2 {r['l2']:.2g}; features {r['features_s']:.0f} s, solver {solver_s:.0f} s"
         else:
             note = f"{r['labelled']} labels, {r['steps']} steps"
         lines.append(f"| {r['encoder']} | {r['protocol']} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | "
                      f"{note} | {r['wall_s']:.0f} s |")
     table = "\n".join(lines)
-    out.with_suffix(".md").write_text(table + "\n\nCommands:\n\n" + "\n".join(f"    {r['command']}" for r in results) + "\n")
+    commands = "\n".join(f"    {r['command']}" for r in results)
+    out.with_suffix(".md").write_text(table + "\n\nCommands:\n\n" + commands + "\n")
     print(table)
 
 

@@ -63,7 +63,8 @@ def main() -> None:
     b, pool, n = args.batch, args.pool, args.n
     rows = {
         "top-n of uniform scores (before)": median_ms(lambda: topk_sampler(b, n, g, pool), args.repeats),
-        "Floyd, local rows (now)": median_ms(lambda: sample_negatives(b, n, g, "cpu", pool=pool), args.repeats),
+        "Floyd, local rows (now)": median_ms(
+            lambda: sample_negatives(b, n, g, "cpu", pool=pool), args.repeats),
         "Floyd, global_rows (now)": median_ms(
             lambda: sample_negatives(b, n, g, "cpu", offset=0, pool=pool, global_rows=True), args.repeats),
     }

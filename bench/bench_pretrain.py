@@ -52,7 +52,8 @@ def step_flops(cfg: pretrain.PretrainConfig, device: torch.device) -> float:
     views = make_views(images, view_cfg, torch.Generator().manual_seed(0))
     labels = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter:
-        loss, *_ = pretrain._loss(cfg, online, target, views, labels, torch.Generator().manual_seed(0), device)
+        loss, *_ = pretrain._loss(cfg, online, target, views, labels, torch.Generator().manual_seed(0),
+                                  device)
         loss.backward()
     return counter.get_total_flops()
 
@@ -69,7 +70,8 @@ def measure_speed(cfg: pretrain.PretrainConfig, device: str, warmup_steps: int =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=1.0)
@@ -95,7 +97,8 @@ def main() -> None:
     result = {
         "spec": spec, "device": str(device), "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "method": cfg.method, "arch": cfg.arch, "width": cfg.width,
-        "batch_size": cfg.batch_size, "views": f"{cfg.large_crops}x{cfg.large_size}px + {cfg.small_crops}x{cfg.small_size}px",
+        "batch_size": cfg.batch_size,
+        "views": f"{cfg.large_crops}x{cfg.large_size}px + {cfg.small_crops}x{cfg.small_size}px",
         "precision": cfg.precision, "steps_measured": speed["steps"], "images_per_s": round(images_per_s, 1),
         "views_per_s": round(images_per_s * (cfg.large_crops + cfg.small_crops), 1),
         "data_fraction": round(data_fraction, 4), "gflop_per_step": round(flops / 1e9, 1),

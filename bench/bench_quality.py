@@ -6,11 +6,12 @@ more than a few hundred steps on a CPU), then every encoder is evaluated the sam
 
     relicv2 saliency cifar10:DIR                                      (precomputed once, not in the budget)
     relicv2 pretrain cifar10:DIR --method M [--saliency S] --time-budget B --epochs E --warmup-epochs E/10
-    python bench/lightly_byol.py's loop for B minutes                 (lightly's BYOL example, our backbone)
-    relicv2 analyze neighbors ENCODERS... cifar10:DIR                 (weighted kNN k=20 T=0.07, all test images)
+    python bench/lightly_byol.py's loop for B minutes        (lightly's BYOL example, our backbone)
+    relicv2 analyze neighbors ENCODERS... cifar10:DIR        (weighted kNN k=20 T=0.07, all test images)
     relicv2 analyze ratios ENCODERS... cifar10:DIR
-    relicv2 eval linear ENCODER cifar10:DIR                           (cached features, L-BFGS, L2 on held-out)
-    relicv2 eval semi ENCODER cifar10:DIR --fraction 0.01 --epochs 30 (RELICv2 and random init, same 500 images)
+    relicv2 eval linear ENCODER cifar10:DIR                  (cached features, L-BFGS, L2 on held-out)
+    relicv2 eval semi ENCODER cifar10:DIR --fraction 0.01 --epochs 30
+                                                             (RELICv2 and random init, same 500 images)
 
 E, the epochs the schedule spans, is set per method from a 6-step speed measurement so that the
 cosine schedule ends just after the budget (our learning-rate and EMA schedules, lightly's EMA schedule).
@@ -46,10 +47,14 @@ def our_rate(spec: str, method_args: list[str], net: list[str], steps: int = 20)
     """Images/s of our pretrain for these options: total images / total time of steps 5-20 of a run on
     5,000 images (single steps vary by +-30% on a shared 2-core machine; 4 steps misjudged BYOL by 1.5x)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "relicv2_cli", "pretrain", spec, *method_args, *net, "--max-steps", str(steps),
-                        "--log-every", "1", "--eval-every", "0", "--limit-train", "5000", "--limit-test", "100",
-                        "--workdir", tmp, "--name", "rate", "--quiet"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        rows = [json.loads(line) for line in (Path(tmp) / "pretrain" / "rate" / "metrics.jsonl").read_text().splitlines()]
+        subprocess.run([sys.executable, "-m", "relicv2_cli", "pretrain", spec, *method_args, *net,
+                        "--max-steps", str(steps),
+                        "--log-every", "1", "--eval-every", "0", "--limit-train", "5000", "--limit-test",
+                        "100",
+                        "--workdir", tmp, "--name", "rate", "--quiet"], cwd=ROOT, check=True,
+                        stdout=subprocess.DEVNULL)
+        log = Path(tmp) / "pretrain" / "rate" / "metrics.jsonl"
+        rows = [json.loads(line) for line in log.read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] >= 5]
     return len(rates) / sum(1 / r for r in rates)  # harmonic mean: images over time
 
@@ -61,7 +66,8 @@ def run_lightly(data: str, workdir: Path, budget_min: float, width: float, backb
     import torch
 
     out = workdir / f"lightly-byol-{backbone}"
-    config = {"budget_min": budget_min, "width": width, "backbone": backbone, "data": data, "n_train": n_train}
+    config = {"budget_min": budget_min, "width": width, "backbone": backbone, "data": data,
+              "n_train": n_train}
     done = out / "result.json"
     if done.exists() and not force and json.loads(done.read_text())["config"] == config:
         return json.loads(done.read_text())
@@ -91,12 +97,15 @@ def _machine_speed() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("RELICV2_DATA", str(ROOT.parent / "shared" / "data")))
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("RELICV2_DATA",
+                                                         str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--budget", type=float, default=10.0, help="training minutes per method")
     parser.add_argument("--width", default="0.25")
     parser.add_argument("--lightly-backbone", default="ours", choices=("ours", "example"),
-                        help="ours: the same ResNet-18 (cifar stem, --width); example: torchvision resnet18 as lightly's example")
+                        help="ours: the same ResNet-18 (cifar stem, --width); example: torchvision resnet18 "
+                             "as lightly's example")
     parser.add_argument("--limit-train", type=int, default=None, help="first N training images (a smoke run)")
     parser.add_argument("--limit-test", type=int, default=None, help="first N test images (a smoke run)")
     parser.add_argument("--skip-semi", action="store_true")
@@ -115,9 +124,11 @@ def main() -> None:
               *(["--limit-test", str(args.limit_test)] if args.limit_test else [])]
     common = [*limits, "--workdir", str(wd), "--quiet"]
     net = ["--arch", "resnet18", "--width", args.width, "--stem", "cifar"]
-    saliency, saliency_s, saliency_cmd = run_stage(["saliency", spec, *common, "--name", "cifar10"], args.force)
+    saliency, saliency_s, saliency_cmd = run_stage(["saliency", spec, *common, "--name", "cifar10"],
+                                                   args.force)
     methods = [
-        ("RELICv2 + saliency masks", "relicv2-masks", ["--method", "relicv2", "--saliency", str(wd / "saliency" / "cifar10")]),
+        ("RELICv2 + saliency masks", "relicv2-masks", ["--method", "relicv2", "--saliency",
+                                                       str(wd / "saliency" / "cifar10")]),
         ("RELICv2, no masks", "relicv2", ["--method", "relicv2"]),
         ("BYOL (ours)", "byol", ["--method", "byol"]),
         ("supervised (labels)", "supervised", ["--method", "supervised"]),
@@ -134,14 +145,19 @@ def main() -> None:
             rates_file.write_text(json.dumps(rates, indent=2) + "\n")
         rate = rates[key]
         machine_tflops = _machine_speed()  # a slow spell of a shared host shows here
-        epochs = round(1.05 * args.budget * 60 * rate / n_train, 2)  # 5% over: the budget, not the schedule, ends the run
+        # 5% over: the budget, not the schedule, ends the run
+        epochs = round(1.05 * args.budget * 60 * rate / n_train, 2)
         manifest, wall, command = run_stage(
-            ["pretrain", spec, *method_args, *net, "--time-budget", f"{args.budget:g}", "--epochs", f"{epochs:g}",
-             "--warmup-epochs", f"{epochs / 10:.3g}", "--eval-every", "0", "--checkpoint-every", "200", *common,
+            ["pretrain", spec, *method_args, *net, "--time-budget", f"{args.budget:g}", "--epochs",
+             f"{epochs:g}",
+             "--warmup-epochs", f"{epochs / 10:.3g}", "--eval-every", "0", "--checkpoint-every", "200",
+             *common,
              "--name", name], args.force)
         m = manifest["metrics"]
-        rows.append({"method": label, "name": name, "encoder": str(wd / "pretrain" / name), "steps": m["steps"], "epochs": m["epochs"],
-                     "train_min": round(m["train_s"] / 60, 2), "images_per_s": round(m["steps"] * 256 / m["train_s"], 1),
+        rows.append({"method": label, "name": name, "encoder": str(wd / "pretrain" / name),
+                     "steps": m["steps"], "epochs": m["epochs"],
+                     "train_min": round(m["train_s"] / 60, 2),
+                     "images_per_s": round(m["steps"] * 256 / m["train_s"], 1),
                      "schedule_done": round(m["steps"] / manifest["config"]["total_steps"], 2),
                      # only for runs made now (not reused): the machine's speed just before training
                      "matmul_tflops_before": machine_tflops if manifest["created"] >= started else None,
@@ -150,22 +166,29 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if not args.skip_lightly:
         machine_tflops = _machine_speed()
-        result = run_lightly(args.data, wd, args.budget, float(args.width), args.lightly_backbone, args.force, n_train)
-        rows.append({"method": f"BYOL (lightly {lightly_version()} example)", "name": "lightly-byol", "encoder": f"torchvision:{result['encoder']}",
+        result = run_lightly(args.data, wd, args.budget, float(args.width), args.lightly_backbone, args.force,
+                             n_train)
+        rows.append({"method": f"BYOL (lightly {lightly_version()} example)", "name": "lightly-byol",
+                     "encoder": f"torchvision:{result['encoder']}",
                      "steps": result["steps"], "epochs": round(result["images"] / n_train, 3),
-                     "train_min": round(result["train_s"] / 60, 2), "images_per_s": round(result["images_per_s"], 1),
-                     "schedule_done": round(result["steps"] / (result["epochs_scheduled"] * (n_train // 256)), 2),
+                     "train_min": round(result["train_s"] / 60, 2),
+                     "images_per_s": round(result["images_per_s"], 1),
+                     "schedule_done": round(result["steps"] / (result["epochs_scheduled"] * (n_train // 256)),
+                                            2),
                      "matmul_tflops_before": machine_tflops,
                      "model_args": (["--arch", "resnet18", "--width", "1", "--stem", "imagenet"]
                                     if args.lightly_backbone == "example" else [])})
-        commands.append(f"python bench/bench_quality.py (lightly_byol.train, {args.budget:g} min, backbone {args.lightly_backbone})")
-    rows.append({"method": "random init", "name": "random", "encoder": "random:resnet18", "steps": 0, "epochs": 0, "train_min": 0})
+        commands.append(f"python bench/bench_quality.py (lightly_byol.train, {args.budget:g} min, backbone "
+                        f"{args.lightly_backbone})")
+    rows.append({"method": "random init", "name": "random", "encoder": "random:resnet18", "steps": 0,
+                 "epochs": 0, "train_min": 0})
 
     # kNN for every encoder in one call (one figure), then the linear probe per encoder.
     same_net = [r for r in rows if not r.get("model_args")]
     analysis = {}
     for stage in ("neighbors", "ratios"):
-        manifest, _, command = run_stage(["analyze", stage, *[r["encoder"] for r in same_net], spec, *net, *common,
+        manifest, _, command = run_stage(["analyze", stage, *[r["encoder"] for r in same_net], spec, *net,
+                                          *common,
                                           "--name", f"budget-{args.budget:g}min"], args.force)
         analysis[stage] = manifest["metrics"]
         commands.append(command)
@@ -176,7 +199,8 @@ def main() -> None:
     for row in rows:
         model_args = row.get("model_args") or net
         if "knn_top1" not in row:  # a lightly example backbone of another shape: kNN from its own call
-            manifest, _, command = run_stage(["analyze", "neighbors", row["encoder"], spec, *model_args, *common,
+            manifest, _, command = run_stage(["analyze", "neighbors", row["encoder"], spec, *model_args,
+                                              *common,
                                               "--name", "budget-lightly-example"], args.force)
             row["knn_top1"] = next(iter(manifest["metrics"]["encoders"].values()))["knn_top1"]
             commands.append(command)
@@ -189,10 +213,13 @@ def main() -> None:
     semi = []
     if not args.skip_semi:
         for row in (rows[0], rows[-1]):  # RELICv2 + masks against training from scratch, same 500 images
-            manifest, wall, command = run_stage(["eval", "semi", row["encoder"], spec, "--fraction", "0.01", "--epochs", "30",
-                                                 *net, *common, "--name", f"{row['name']}-semi-0.01"], args.force)
+            manifest, wall, command = run_stage(["eval", "semi", row["encoder"], spec, "--fraction", "0.01",
+                                                 "--epochs", "30",
+                                                 *net, *common, "--name", f"{row['name']}-semi-0.01"],
+                                                 args.force)
             m = manifest["metrics"]
-            semi.append({"encoder": row["method"], "top1": m["top1"], "top5": m["top5"], "labelled": m["subset_size"],
+            semi.append({"encoder": row["method"], "top1": m["top1"], "top5": m["top5"],
+                         "labelled": m["subset_size"],
                          "subset_sha256": m["subset_sha256"][:16], "wall_s": round(wall, 1)})
             commands.append(command)
             print(json.dumps(semi[-1]), flush=True)
@@ -201,21 +228,28 @@ def main() -> None:
                "python": platform.python_version()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "budget_min": args.budget, "width": float(args.width), "rows": rows, "semi_1pct": semi,
-              "saliency_s": round(saliency_s, 1), "analysis_figures": {k: str(wd / k / f"budget-{args.budget:g}min")
+    result = {"machine": machine, "budget_min": args.budget, "width": float(args.width), "rows": rows,
+              "semi_1pct": semi,
+              "saliency_s": round(saliency_s, 1),
+              "analysis_figures": {k: str(wd / k / f"budget-{args.budget:g}min")
                                                                         for k in ("neighbors", "ratios")},
               "commands": commands}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Budget {args.budget:g} min of training per method, ResNet-18 w{args.width} cifar stem, CIFAR-10.", "",
-             "| method | steps | epochs | schedule done | train min | img/s | kNN top-1 | linear top-1 | linear top-5 | ratio median |",
+    lines = [f"Budget {args.budget:g} min of training per method, ResNet-18 w{args.width} cifar stem, "
+             "CIFAR-10.", "",
+             "| method | steps | epochs | schedule done | train min | img/s | kNN top-1 | linear top-1 | "
+             "linear top-5 | ratio median |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio_median']:.3f}" if "ratio_median" in r else ""
         done = f"{100 * r['schedule_done']:.0f}%" if "schedule_done" in r else ""
-        lines.append(f"| {r['method']} | {r['steps']} | {r['epochs']} | {done} | {r['train_min']} | {r.get('images_per_s', '')} | "
-                     f"{100 * r['knn_top1']:.1f} | {100 * r['linear_top1']:.1f} | {100 * r['linear_top5']:.1f} | {ratio} |")
+        lines.append(f"| {r['method']} | {r['steps']} | {r['epochs']} | {done} | {r['train_min']} | "
+                     f"{r.get('images_per_s', '')} | "
+                     f"{100 * r['knn_top1']:.1f} | {100 * r['linear_top1']:.1f} | "
+                     f"{100 * r['linear_top5']:.1f} | {ratio} |")
     if semi:
-        lines += ["", f"| 1% labels ({semi[0]['labelled']} images), fine-tune 30 epochs | top-1 | top-5 |", "|---|---|---|"]
+        lines += ["", f"| 1% labels ({semi[0]['labelled']} images), fine-tune 30 epochs | top-1 | top-5 |",
+                  "|---|---|---|"]
         lines += [f"| {s['encoder']} | {100 * s['top1']:.1f} | {100 * s['top5']:.1f} |" for s in semi]
     print("\n".join(lines))
     lines += ["", "Commands:", ""] + [f"    {c}" for c in commands]

@@ -1,6 +1,7 @@
 """Saliency benchmark: mask quality of every method and images/s at 32 px and 224 px.
 
-    .venv/bin/python bench/bench_saliency.py [--cifar DIR] [--quality-n 500] [--out bench/results/saliency.json]
+    .venv/bin/python bench/bench_saliency.py [--cifar DIR] [--quality-n 500]
+        [--out bench/results/saliency.json]
 
 Quality: mean IoU and F-measure (beta^2 = 0.3) against the ground-truth masks of synthetic TEST
 images (a separate random stream from the train images the parameters were chosen on).
@@ -62,7 +63,8 @@ def speed_stage(spec: str, n: int, image_size: int | None, workers: int) -> dict
         art = stage.run(spec, limit_train=n, limit_test=1, image_size=image_size, workdir=Path(tmp),
                         workers=workers, quality_n=0, quiet=True)
         total = time.perf_counter() - start
-        return {"images": n, "images_per_s": art.metrics["images_per_s"], "wall_s_incl_load_and_preview": total,
+        return {"images": n, "images_per_s": art.metrics["images_per_s"],
+                "wall_s_incl_load_and_preview": total,
                 "workers": workers, "chunk_size": art.config["chunk_size"]}
 
 
@@ -80,7 +82,8 @@ def main() -> None:
     has_cifar = (Path(args.cifar) / "cifar-10-batches-py").is_dir()
     spec32 = f"cifar10:{args.cifar}" if has_cifar else "synthetic"
     results: dict = {
-        "machine": {"cpus": stage._cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": stage._cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
                     "opencv": cv2.__version__},
         "default_method": stage.DEFAULT_METHOD,
         "command": " ".join(sys.argv),
@@ -111,13 +114,15 @@ def main() -> None:
     print(f"\nmask quality, {args.quality_n} synthetic test images at 32 px (IoU, F beta^2=0.3):")
     print(f"{'method':14s} {'IoU':>6s} {'F':>6s}   img/s 32px 1proc   img/s 224px 1proc")
     for method, r in sorted(results["quality_32px"].items(), key=lambda kv: -kv[1]["iou"]):
-        print(f"{method:14s} {r['iou']:6.3f} {r['f_beta']:6.3f}   {results['speed_1proc']['32'][method]:15.0f}"
+        print(f"{method:14s} {r['iou']:6.3f} {r['f_beta']:6.3f}   "
+              f"{results['speed_1proc']['32'][method]:15.0f}"
               f"   {results['speed_1proc']['224'][method]:17.1f}")
     for size in ("32", "224"):
         r = results["speed_stage"][size]
         print(f"stage ({stage.DEFAULT_METHOD}, {r['workers']} workers) at {size} px on {r['spec']}: "
               f"{r['images_per_s']:.0f} images/s over {r['images']} images")
-    print(f"CIFAR-10 train (50,000 images) estimate: {results['cifar10_train_50000_minutes_estimate']:.1f} min")
+    print("CIFAR-10 train (50,000 images) estimate: "
+          f"{results['cifar10_train_50000_minutes_estimate']:.1f} min")
     print(f"wrote {out}")
 
 

@@ -37,7 +37,8 @@ WARMUP_STEPS = 2
 
 
 def run_ours(spec: str, method: str, small_crops: int, width: float, steps: int, device: str) -> dict:
-    cfg = pretrain.PretrainConfig(spec=spec, method=method, small_crops=small_crops, width=width, batch_size=256,
+    cfg = pretrain.PretrainConfig(spec=spec, method=method, small_crops=small_crops, width=width,
+                                  batch_size=256,
                                   epochs=1.0, max_steps=steps, log_every=1, eval_every=0, limit_train=10_000,
                                   limit_test=100)
     return measure_speed(cfg, device, WARMUP_STEPS)
@@ -65,7 +66,8 @@ def lightly_step_flops(width: float, device: torch.device, batch: int = 256) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("RELICV2_DATA"))
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--rounds", type=int, default=3)
@@ -73,14 +75,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if not args.data or not (Path(args.data) / "cifar-10-batches-py").is_dir():
-        raise SystemExit("needs CIFAR-10: set RELICV2_DATA (or --data) to the folder holding cifar-10-batches-py")
+        raise SystemExit("needs CIFAR-10: set RELICV2_DATA (or --data) to the folder holding "
+                         "cifar-10-batches-py")
     spec = f"cifar10:{args.data}"
     loader = lightly_byol.make_loader(args.data)  # built once: its worker processes persist across rounds
 
     configs = {
         "ours BYOL, 2x32px": (lambda: run_ours(spec, "byol", 0, args.width, args.steps, args.device), 2),
         "lightly BYOL example, 2x32px": (lambda: run_lightly(loader, args.width, args.steps, args.device), 2),
-        "ours RELICv2, 2x32px + 2x16px": (lambda: run_ours(spec, "relicv2", 2, args.width, args.steps, args.device), 4),
+        "ours RELICv2, 2x32px + 2x16px": (lambda: run_ours(spec, "relicv2", 2, args.width, args.steps,
+                                                           args.device), 4),
     }
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for round_ in range(args.rounds):
@@ -90,9 +94,11 @@ def main() -> None:
 
     device = torch.device(args.device)
     flops = {
-        "ours BYOL, 2x32px": step_flops(pretrain.PretrainConfig(method="byol", small_crops=0, width=args.width), device),
+        "ours BYOL, 2x32px": step_flops(pretrain.PretrainConfig(method="byol", small_crops=0,
+                                                                width=args.width), device),
         "lightly BYOL example, 2x32px": lightly_step_flops(args.width, device),
-        "ours RELICv2, 2x32px + 2x16px": step_flops(pretrain.PretrainConfig(method="relicv2", width=args.width), device),
+        "ours RELICv2, 2x32px + 2x16px": step_flops(pretrain.PretrainConfig(method="relicv2",
+                                                                            width=args.width), device),
     }
     peak = matmul_tflops(device)
     rows = []
@@ -105,20 +111,26 @@ def main() -> None:
                      "gflop_per_step": round(flops[name] / 1e9, 1), "achieved_tflops": round(achieved, 3),
                      "fraction_of_matmul": round(achieved / peak, 3)})
     ratio = rows[0]["images_per_s"] / rows[1]["images_per_s"]
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "lightly": lightly_byol.lightly_version()},
+    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(),
+                          "lightly": lightly_byol.lightly_version()},
               "width": args.width, "batch_size": 256, "precision": "bf16 autocast", "rounds": args.rounds,
               "steps_per_run": args.steps, "matmul_bf16_tflops": round(peak, 3), "rows": rows,
               "ours_byol_over_lightly_byol": round(ratio, 2)}
     RESULTS.mkdir(exist_ok=True)
     stem = f"throughput_{torch.device(args.device).type}_w{args.width:g}"  # "w0.25": no with_suffix
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"ResNet-18 w{args.width:g} cifar stem, batch 256, bf16, CIFAR-10; median of {args.rounds} interleaved rounds; "
+    lines = [f"ResNet-18 w{args.width:g} cifar stem, batch 256, bf16, CIFAR-10; median of {args.rounds} "
+             "interleaved rounds; "
              f"bf16 matmul {peak:.2f} TFLOP/s.", "",
-             "| configuration | img/s | views/s | per round | data + aug share | GFLOP/step | TFLOP/s | of matmul |",
+             "| configuration | img/s | views/s | per round | data + aug share | GFLOP/step | TFLOP/s | of "
+             "matmul |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['images_per_s']} | {r['views_per_s']} | {', '.join(map(str, r['images_per_s_rounds']))} | "
-              f"{100 * r['data_fraction']:.1f}% | {r['gflop_per_step']:,} | {r['achieved_tflops']} | {100 * r['fraction_of_matmul']:.0f}% |"
+    lines += [f"| {r['config']} | {r['images_per_s']} | {r['views_per_s']} | "
+              f"{', '.join(map(str, r['images_per_s_rounds']))} | "
+              f"{100 * r['data_fraction']:.1f}% | {r['gflop_per_step']:,} | {r['achieved_tflops']} | "
+              f"{100 * r['fraction_of_matmul']:.0f}% |"
               for r in rows]
     lines += ["", f"ours / lightly (BYOL, same views): {ratio:.2f}x"]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -87,7 +87,8 @@ def lightly_version() -> str:
     return importlib.metadata.version("lightly")
 
 
-def train(model: LightlyBYOL, loader, *, epochs: int, budget_s: float | None = None, max_steps: int | None = None,
+def train(model: LightlyBYOL, loader, *, epochs: int, budget_s: float | None = None,
+          max_steps: int | None = None,
           bf16: bool = True, on_step=None, device: str = "cpu") -> dict:
     """The example's loop, stopped by a time budget (seconds inside steps, data waits included) or a step
     count. `on_step(step, data_s, step_s)` sees each step's timing. Returns steps, images and seconds."""

@@ -32,6 +32,9 @@ FORMAT = "relicv2-artifact"
 SCHEMA = 1
 KINDS = ("saliency", "pretrain", "features", "linear", "semi", "transfer", "neighbors", "ratios")
 MANIFEST = "manifest.json"
+# Files of a resumable run (pretrain) in its staging directory.
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -266,10 +269,6 @@ def check_parent(parent: Artifact, recorded: dict) -> None:
         )
 
 
-def default_workdir() -> Path:
-    return Path(os.environ.get("RELICV2_HOME", "runs"))
-
-
 def artifact_path(workdir: Path, kind: str, name: str) -> Path:
     return Path(workdir) / kind / name
 
@@ -349,11 +348,11 @@ class Staging:
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "tool": {"version": __version__, "git": _git_revision()},
             "command": command if command is not None else sys.argv,
-            "config": _jsonable(config),
+            "config": jsonable(config),
             "parents": [p.as_parent() for p in parents],
             "dataset": dataset,
             "files": files,
-            "metrics": _jsonable({**self.metrics, **(metrics or {})}),
+            "metrics": jsonable({**self.metrics, **(metrics or {})}),
         }
         manifest["digest"] = manifest_digest(manifest)
         (self.dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
@@ -370,12 +369,12 @@ class Staging:
         return load_artifact(self.final)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Configs hold Paths, tuples and numpy scalars; the manifest holds plain JSON."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "item") and callable(value.item):

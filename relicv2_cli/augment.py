@@ -65,6 +65,11 @@ class Views:
     small: list[torch.Tensor]  # S x (B, 3, small_size, small_size), float, normalised
     masked: torch.Tensor  # (L, B) bool: which large views had their background removed
 
+    def rows(self, keep: slice) -> Views:
+        """The views of images `keep` only (one process's share of a global batch)."""
+        return Views(large=[v[keep] for v in self.large], small=[v[keep] for v in self.small],
+                     masked=self.masked[:, keep])
+
 
 def _rand(shape, generator: torch.Generator, device) -> torch.Tensor:
     # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
@@ -415,4 +420,31 @@ def center_view(
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
         top, left = (new_h - size) // 2, (new_w - size) // 2
         x = x[..., top : top + size, left : left + size].clamp(0, 1)
+    return normalize(x, mean, std)
+
+
+def epoch_batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of a fresh random permutation cut into ceil(n / batch) near-equal batches, so
+    every image is seen once per epoch and no batch is tiny (500 images at batch 256: 250 + 250)."""
+    perm = torch.randperm(n, generator=generator)
+    return list(torch.tensor_split(perm, math.ceil(n / batch)))
+
+
+def crop_flip(
+    images: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> torch.Tensor:
+    """Training view of fine-tuning and of the augmented linear protocol: random resized crop
+    (area fraction U(scale), aspect 3/4-4/3; augment.py's sampler and roi_align resize) and a
+    horizontal flip with probability 0.5, of a uint8 batch (B, 3, H, W); normalised float output."""
+    b, _, h, w = images.shape
+    x = images.float() / 255
+    boxes = sample_boxes(b, h, w, scale, (3 / 4, 4 / 3), generator, x.device)
+    x = crop_resize(x, boxes, torch.arange(b, device=x.device), size)
+    flip = torch.rand(b, generator=generator, device=generator.device).to(x.device) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
     return normalize(x, mean, std)

@@ -24,8 +24,9 @@ What the context does for the training loop (docs/distributed.md):
 - gradients: DistributedDataParallel averages them; every loss is a mean over the local anchors, so
   the average over processes is the gradient of the mean over the global batch;
 - rank 0 alone writes checkpoints, metrics and the artifact; the others wait for it at barriers;
-- signals: a SIGTERM/SIGINT on any process is merged into every process at the end of each step
-  (one MAX all-reduce of one integer), so all stop after the same step and rank 0 checkpoints;
+- stopping: a SIGTERM/SIGINT on any process and rank 0's time budget are merged into every process
+  at the end of each step (one MAX all-reduce of two integers, `stop_vote`), so all stop after the
+  same step and rank 0 checkpoints;
 - failures: a collective that fails (a peer died: its socket closed) or waits longer than the
   timeout becomes a RelicError naming the likely cause instead of a hang.
 """
@@ -47,7 +48,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from relicv2_cli import artifacts
-from relicv2_cli.augment import Views
 from relicv2_cli.errors import RelicError
 
 SAMPLINGS = ("local", "global")
@@ -98,7 +98,8 @@ class DistBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and several):
             return super().forward(x)
         import torch.distributed._functional_collectives as fcol  # autograd-aware collectives
 
@@ -170,8 +171,6 @@ class DistContext:
     restart: int = 0  # TORCHELASTIC_RESTART_COUNT
     owns_group: bool = False
     stopping: bool = False  # a signal stopped the run: the processes are checkpointing and exiting
-    _received: list[int] = field(default_factory=list)
-    _gathered: dict = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -181,54 +180,64 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    # -- batch, views, negatives ---------------------------------------------------------------
+    # -- a training step's calls: shard the batch, gather the embeddings, average the loss, vote to stop
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size % self.world_size:
             raise RelicError(f"--batch-size {batch_size} (the global batch) must be divisible by the number "
                              f"of processes ({self.world_size})")
 
-    def split_batch(self, generator: torch.Generator, batch_idx: torch.Tensor):
-        """(generator for views and negatives, indices to make views of, this rank's indices).
+    def shard(self, generator: torch.Generator, batch_idx: torch.Tensor):
+        """(generator for views and negatives, indices to make views of, this rank's indices, the rows
+        of those views this rank keeps).
 
-        One process: (generator, batch, batch). "global": views of the whole batch from the shared
-        generator, sliced later by `local_views`. "local": a (seed, step, rank) generator and views of
-        this rank's images only."""
-        self._gathered.clear()
+        One process: (generator, batch, batch, all). "global": views of the whole batch from the shared
+        generator, this rank keeping its rows. "local": a (seed, step, rank) generator and views of this
+        rank's images only."""
+        everything = slice(None)
         if not self.active:
-            return generator, batch_idx, batch_idx
+            return generator, batch_idx, batch_idx, everything
         b = len(batch_idx) // self.world_size
-        mine = batch_idx[self.rank * b : (self.rank + 1) * b]
+        keep = slice(self.rank * b, (self.rank + 1) * b)
+        mine = batch_idx[keep]
         if self.sampling == "global":
-            return generator, batch_idx, mine
+            return generator, batch_idx, mine, keep
         seed = (generator.initial_seed() * 1_000_033 + self.rank + 1) % (2**63)
-        return torch.Generator(device="cpu").manual_seed(seed), mine, mine
+        return torch.Generator(device="cpu").manual_seed(seed), mine, mine, everything
 
-    def local_views(self, views: Views) -> Views:
-        """This rank's rows of views made for the global batch ("global" sampling); else as is."""
-        if not self.active or self.sampling != "global":
-            return views
-        b = views.masked.shape[1] // self.world_size
-        lo, hi = self.rank * b, (self.rank + 1) * b
-        return Views(large=[v[lo:hi] for v in views.large], small=[v[lo:hi] for v in views.small],
-                     masked=views.masked[:, lo:hi])
-
-    def pools(self, online: torch.Tensor, target: torch.Tensor) -> dict:
-        """relic_loss keyword arguments drawing candidates from the all-gathered global batch."""
+    def gather(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The global batch of each (b, D) tensor (rank r's rows at r*b), in one all-gather; None on
+        one process. relic_loss draws negatives from these pools."""
         if not self.active:
-            return {}
-        return {"target_pool": self._gather(target), "online_pool": self._gather(online),
-                "offset": self.rank * online.shape[0], "global_rows": self.sampling == "global"}
+            return None
+        local = torch.stack([t.detach() for t in tensors]).contiguous()  # (n, b, D)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return list(torch.stack(parts, dim=1).flatten(1, 2).unbind(0))  # n x (world * b, D)
 
-    def _gather(self, x: torch.Tensor) -> torch.Tensor:
-        # The pair loop reuses each view's embeddings several times: gather each tensor once per step.
-        # The cache keeps the tensor itself so that its id cannot be reused within the step.
-        key = id(x)
-        if key not in self._gathered:
-            parts = [torch.empty_like(x) for _ in range(self.world_size)]
-            dist.all_gather(parts, x.detach().contiguous())
-            self._gathered[key] = (x, torch.cat(parts))
-        return self._gathered[key][1]
+    def average(self, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
+        """Mean over processes of the loss and its logged terms (every process holds the same number
+        of anchors, so this is the global-batch mean): for the log and a NaN check all agree on."""
+        if not self.active:
+            return loss.detach(), stats
+        keys = sorted(stats)
+        terms = [torch.as_tensor(stats[k]).double().to(loss.device) for k in keys]
+        vec = torch.stack([loss.detach().double(), *terms])
+        dist.all_reduce(vec)
+        vec = vec / self.world_size
+        return vec[0], {k: vec[i + 1] for i, k in enumerate(keys)}
+
+    def stop_vote(self, received: list[int], out_of_time: bool) -> tuple[int, bool]:
+        """(signal, out_of_time) every process agrees on after a step, in one collective: a signal
+        received by any process stops all; the time budget is read on rank 0's clock."""
+        if not self.active:
+            return (received[0] if received else 0), out_of_time
+        flags = [max(received, default=0), int(out_of_time) if self.is_main else 0]
+        votes = torch.tensor(flags, dtype=torch.int64, device=self._comm_device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        signum, out_of_time = int(votes[0].item()), bool(votes[1].item())
+        self.stopping = self.stopping or signum != 0
+        return signum, out_of_time
 
     # -- modules ------------------------------------------------------------------------------------
 
@@ -242,42 +251,6 @@ class DistContext:
             return module
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
-
-    # -- collectives used by the loop ---------------------------------------------------------------
-
-    def average(self, loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
-        """Mean over processes of the loss and its logged terms (every process holds the same number
-        of anchors, so this is the global-batch mean): for the log and a NaN check all agree on."""
-        if not self.active:
-            return loss.detach(), stats
-        keys = sorted(stats)
-        vec = torch.stack([loss.detach().double(), *(torch.as_tensor(stats[k]).double().to(loss.device) for k in keys)])
-        dist.all_reduce(vec)
-        vec = vec / self.world_size
-        return vec[0], {k: vec[i + 1] for i, k in enumerate(keys)}
-
-    def agree(self, flag: bool) -> bool:
-        """Rank 0's value of `flag` on every process (a decision all must take at the same step)."""
-        if not self.active:
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int64, device=self._comm_device)
-        dist.broadcast(value, src=0)
-        return bool(value.item())
-
-    def signal_list(self, stop_signal: list[int]) -> list[int]:
-        """The list the signal handlers append to: `stop_signal` itself on one process; with several,
-        a private list that `sync_stop` merges into `stop_signal` at the same step on every process."""
-        return self._received if self.active else stop_signal
-
-    def sync_stop(self, received: list[int], stop_signal: list[int]) -> None:
-        if not self.active:
-            return
-        flag = torch.tensor([max(received, default=0)], dtype=torch.int64, device=self._comm_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        signum = int(flag.item())
-        if signum and not stop_signal:
-            stop_signal.append(signum)
-            self.stopping = True
 
     def barrier(self) -> None:
         """Wait for every process. When a signal stopped the run, further SIGTERM/SIGINT are ignored
@@ -342,7 +315,8 @@ class DistContext:
             if message is not None:
                 raise RelicError(message)
             return staging, resume_now
-        box = [message, resume_now, str(staging.dir) if staging else None, str(staging.final) if staging else None]
+        box = [message, resume_now, str(staging.dir) if staging else None,
+               str(staging.final) if staging else None]
         dist.broadcast_object_list(box, src=0)
         message, resume_now, staging_dir, final = box
         if message is not None:
@@ -359,11 +333,10 @@ class DistContext:
         if not partial.exists():
             return artifacts.Staging(workdir, kind, name, force=force, resume=False, resumable=True), False
         staging = artifacts.Staging(workdir, kind, name, force=force, resume=True, resumable=True)
-        from relicv2_cli.stages.pretrain import CHECKPOINT, METRICS
-
-        if (staging.dir / CHECKPOINT).exists():
+        if (staging.dir / artifacts.CHECKPOINT).exists():
             return staging, True
-        (staging.dir / METRICS).unlink(missing_ok=True)  # lines of an attempt that never checkpointed
+        # lines of an attempt that never checkpointed
+        (staging.dir / artifacts.METRICS).unlink(missing_ok=True)
         return staging, False
 
     def peer_failure_message(self, error: BaseException) -> str:
@@ -434,7 +407,8 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, sampling: 
     elastic = "TORCHELASTIC_RESTART_COUNT" in os.environ
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if env is None or env["world_size"] <= 1:
-        ctx = DistContext(device=device, sampling=sampling, timeout_s=timeout_s, elastic=elastic, restart=restart)
+        ctx = DistContext(device=device, sampling=sampling, timeout_s=timeout_s, elastic=elastic,
+                          restart=restart)
         _ACTIVE = ctx
         return ctx
     rank, world, local = env["rank"], env["world_size"], env["local_rank"]
@@ -452,7 +426,8 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, sampling: 
         except Exception as e:  # noqa: BLE001  rendezvous failures come as several exception types
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise RelicError(f"process {rank} of {world} could not join the process group at {where} "
-                             f"within {timeout_s:g} s ({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from e
+                             f"within {timeout_s:g} s "
+                             f"({str(e).strip().splitlines()[0] if str(e).strip() else e!r})") from e
     elif dist.get_world_size() != world or dist.get_rank() != rank:
         raise RelicError("an existing process group does not match RANK/WORLD_SIZE")
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=device, sampling=sampling,
@@ -461,7 +436,8 @@ def setup(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S, sampling: 
     return ctx
 
 
-def _init_process_group(backend: str, rank: int, world: int, timeout: datetime.timedelta, restart: int) -> None:
+def _init_process_group(backend: str, rank: int, world: int, timeout: datetime.timedelta,
+                        restart: int) -> None:
     """init_process_group from torchrun's environment, robust to torchrun's restarts on one node.
 
     torchrun's agent hosts one TCP store (MASTER_ADDR:MASTER_PORT) that the workers share and that
@@ -475,11 +451,13 @@ def _init_process_group(backend: str, rank: int, world: int, timeout: datetime.t
     if agent_store and one_node:
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                               timeout=timeout)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"relicv2/attempt_{restart}", store), rank=rank,
+        dist.init_process_group(backend, store=dist.PrefixStore(f"relicv2/attempt_{restart}", store),
+                                rank=rank,
                                 world_size=world, timeout=timeout)
         return
     if agent_store and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and rank == 0:
-        print("warning: torchrun --max-restarts on several nodes: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+        print("warning: torchrun --max-restarts on several nodes: set "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
               "torchrun's environment, or a restart may fail to connect (PyTorch issues #135712, #167288)",
               file=sys.stderr)
     dist.init_process_group(backend, timeout=timeout)

@@ -15,7 +15,6 @@ An ENCODER is one of
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 
 from relicv2_cli.artifacts import Artifact, load_artifact, load_torch_file, sha256_file
 from relicv2_cli.errors import RelicError
-from relicv2_cli.models import ARCHS, STEMS, WIDTHS, build_resnet
+from relicv2_cli.models import build_resnet, check_network
 
 BACKBONE = "backbone.safetensors"
 
@@ -57,15 +56,6 @@ def slugify(text: str, limit: int = 48) -> str:
     return text[:limit].rstrip("-.") or "encoder"
 
 
-def _check_model_options(arch: str, width: float, stem: str) -> None:
-    if arch not in ARCHS:
-        raise RelicError(f"--arch must be one of {', '.join(ARCHS)}; got {arch!r}")
-    if float(width) not in WIDTHS:
-        raise RelicError(f"--width must be one of {', '.join(f'{w:g}' for w in WIDTHS)}; got {width!r}")
-    if stem not in STEMS:
-        raise RelicError(f"--stem must be one of {', '.join(STEMS)}; got {stem!r}")
-
-
 def load_encoder(
     spec: str | Path,
     *,
@@ -80,7 +70,7 @@ def load_encoder(
     spec = str(spec)
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
-        _check_model_options(arch, width, stem)
+        check_network(arch, width, stem)
         # A private generator state: the init is a function of the seed only, and the caller's
         # global RNG is left as it was.
         with torch.random.fork_rng(devices=[]):
@@ -93,7 +83,7 @@ def load_encoder(
 
     if spec.startswith("torchvision:"):
         path = Path(spec.split(":", 1)[1]).expanduser()
-        _check_model_options(arch, width, stem)
+        check_network(arch, width, stem)
         if not path.is_file():
             raise RelicError(f"torchvision weights not found: {path}")
         state = load_torch_file(path)
@@ -164,8 +154,3 @@ def _finish(model, label, key, record, parent, arch, width, stem, image_size) ->
     model.requires_grad_(False)
     return Encoder(model=model, label=label, key=key, record=record, parent=parent, arch=arch,
                    width=float(width), stem=stem, image_size=image_size)
-
-
-def encoder_digest(encoder: Encoder) -> str:
-    """A short stable hash of the encoder key, for derived artifact names."""
-    return hashlib.sha256(encoder.key.encode()).hexdigest()[:10]

@@ -79,6 +79,8 @@ def weighted_knn_predict(
     return torch.cat(scores)
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07) -> float:
-    scores = weighted_knn_predict(train_features, torch.as_tensor(train_labels), test_features, num_classes, k, temperature)
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=20,
+                 temperature=0.07) -> float:
+    scores = weighted_knn_predict(train_features, torch.as_tensor(train_labels), test_features, num_classes,
+                                  k, temperature)
     return (scores.argmax(1) == torch.as_tensor(test_labels)).float().mean().item()

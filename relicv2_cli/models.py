@@ -89,15 +89,21 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_resnet(arch: str, width: float = 1.0, stem: str = "imagenet", zero_init_residual: bool = False) -> ResNet:
+def check_network(arch: str, width: float, stem: str) -> None:
+    """The one check of --arch/--width/--stem (stages call it early, before loading data)."""
+    if arch not in ARCHS:
+        raise RelicError(f"--arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    if not isinstance(width, int | float) or float(width) not in WIDTHS:
+        raise RelicError(f"--width must be one of {', '.join(f'{w:g}' for w in WIDTHS)}; got {width!r}")
+    if stem not in STEMS:
+        raise RelicError(f"--stem must be one of {', '.join(STEMS)}; got {stem!r}")
+
+
+def build_resnet(arch: str, width: float = 1.0, stem: str = "imagenet",
+                 zero_init_residual: bool = False) -> ResNet:
     """A ResNet encoder returning pooled features (B, feature_dim). zero_init_residual is a
     pre-training choice; baselines (random init) keep torchvision's default init."""
-    if arch not in _SPECS:
-        raise RelicError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    if not isinstance(width, int | float) or float(width) not in WIDTHS:
-        raise RelicError(f"unsupported width {width!r}; valid: {', '.join(f'{w:g}' for w in WIDTHS)}")
-    if stem not in STEMS:
-        raise RelicError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
+    check_network(arch, width, stem)
     block, layers = _SPECS[arch]
     return ResNet(block, layers, float(width), stem, zero_init_residual)
 

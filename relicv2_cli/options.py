@@ -7,6 +7,7 @@ Each stage module declares its Typer command with these aliases, so `--workdir`,
 from __future__ import annotations
 
 import os
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -26,26 +27,48 @@ from relicv2_cli.errors import RelicError
 
 console = Console(stderr=True)  # progress and tables on stderr; stdout's last line is the artifact path
 
-Spec = Annotated[str, typer.Argument(help="Dataset: synthetic, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, imagefolder:DIR or npz:FILE.")]
-Workdir = Annotated[Path, typer.Option(envvar="RELICV2_HOME", help="Root folder of artifacts (env RELICV2_HOME).")]
+Spec = Annotated[str, typer.Argument(
+    help="Dataset: synthetic, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, imagefolder:DIR or npz:FILE.")]
+Workdir = Annotated[Path, typer.Option(envvar="RELICV2_HOME",
+                                       help="Root folder of artifacts (env RELICV2_HOME).")]
 Name = Annotated[str | None, typer.Option(help="Artifact name; default derived from the inputs.")]
 Seed = Annotated[int, typer.Option(help="Random seed (also the synthetic dataset's generator seed).")]
 Device = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing artifact of the same name.")]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars or tables; print only the artifact path.")]
-LimitTrain = Annotated[int | None, typer.Option(help="Use only the first N training images (recorded in the fingerprint).")]
-LimitTest = Annotated[int | None, typer.Option(help="Use only the first N test images (recorded in the fingerprint).")]
-ImageSize = Annotated[int | None, typer.Option(help="Resize images to S x S (synthetic: generate at S; default: native size).")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="imagefolder: skip unreadable images (counted) instead of failing.")]
+Quiet = Annotated[bool, typer.Option("--quiet",
+                                     help="No progress bars or tables; print only the artifact path.")]
+LimitTrain = Annotated[int | None, typer.Option(help="Use only the first N training images.")]
+LimitTest = Annotated[int | None, typer.Option(help="Use only the first N test images.")]
+ImageSize = Annotated[int | None, typer.Option(help="Resize images to S x S (synthetic: generate at S).")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad", help="imagefolder: skip unreadable images (counted).")]
+# The network: pretrain builds it; eval/analyze use it for random:/torchvision: encoders only.
 Arch = Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152|resnet200.")]
 Width = Annotated[float, typer.Option(help="Width multiplier of every stage: 0.25, 0.5, 1, 2 or 4.")]
-Stem = Annotated[str, typer.Option(help="cifar (3x3/1, no maxpool; small images) or imagenet (7x7/2 + maxpool).")]
+Stem = Annotated[str, typer.Option(help="cifar (3x3/1, no maxpool) or imagenet (7x7/2 + maxpool).")]
+Precision = Annotated[str, typer.Option(help="bf16 (autocast) or fp32 for the encoder.")]
 BatchSize = Annotated[int, typer.Option(help="Images per optimizer step.")]
 Epochs = Annotated[float, typer.Option(help="Passes over the training split.")]
-MaxSteps = Annotated[int | None, typer.Option(help="Stop after N optimizer steps (smoke runs); the schedule still spans --epochs.")]
-Precision = Annotated[str, typer.Option(help="bf16 (autocast; default where supported) or fp32.")]
+MaxSteps = Annotated[int | None,
+                     typer.Option(help="Stop after N optimizer steps; the schedule still spans --epochs.")]
+# Evaluation and analysis stages.
+Encoder = Annotated[str, typer.Argument(help="Pretrain artifact directory, random:ARCH or torchvision:FILE.")]
+Items = Annotated[list[str], typer.Argument(
+    help="ENCODER [ENCODER ...] SPEC: one or more encoders (pretrain artifact, random:ARCH, "
+         "torchvision:FILE), "
+         "then the dataset (synthetic, cifar10:DIR, ...).", metavar="ENCODER... SPEC", show_default=False)]
+EmbedBatch = Annotated[int, typer.Option(help="Images per forward pass when features are computed.")]
+L2Grid = Annotated[str, typer.Option(help="L2 strengths to try: START:STOP:N log-spaced, or a comma list.")]
+ValFraction = Annotated[float,
+                        typer.Option(help="Part of train held out to choose L2 (no validation split).")]
+Metric = Annotated[str,
+                   typer.Option(help="Score that chooses L2 (and the headline): top1 or mean-per-class.")]
+MaxIter = Annotated[int, typer.Option(help="L-BFGS iterations per fit.")]
+Normalize = Annotated[bool, typer.Option(
+    "--normalize/--no-normalize",
+    help="L2-normalise features before distances, so encoders of any width compare.")]
 
 DEFAULT_WORKDIR = Path(os.environ.get("RELICV2_HOME", "runs"))
+PRECISIONS = ("bf16", "fp32")  # knn.autocast applies them
 
 
 def resolve_device(device: str):
@@ -83,3 +106,19 @@ def progress_bar(quiet: bool):
 def finish(path: Path) -> None:
     """Every command that writes an artifact prints its path as the last line of stdout."""
     print(path)
+
+
+@contextmanager
+def handle_signals(handler, signals=(signal.SIGTERM, signal.SIGINT)):
+    """`handler(signum, frame)` handles `signals` inside the block; the previous handlers come back
+    after it. Outside the main thread, where Python cannot set handlers, the block runs without."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in signals}
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

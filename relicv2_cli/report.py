@@ -2,7 +2,7 @@
 
 Figure helpers draw on a bare `matplotlib.figure.Figure` (Agg canvas, no pyplot global state) and
 `save_figure` writes PNG and SVG side by side:
-- `neighbours_figure`: one panel per encoder, side by side, each with its own colour bar.
+- `neighbors_figure`: one panel per encoder, side by side, each with its own colour bar.
 - `ratios_figure`: per-class ratios (grouped bars, class names), their distribution per encoder
   (box + points) and the per-image distribution (histograms), all encoders on one figure.
 
@@ -70,8 +70,9 @@ def _blocks(labels: np.ndarray) -> list[tuple[int, int, int]]:
     return runs
 
 
-def neighbours_figure(
-    panels: list[dict], *, anchor_labels, class_names: list[str], pool: str, k: int, normalize: bool, title: str,
+def neighbors_figure(
+    panels: list[dict], *, anchor_labels, class_names: list[str], pool: str, k: int, normalize: bool,
+    title: str,
 ):
     """One panel per encoder, side by side, each with its own colour bar.
 
@@ -107,10 +108,13 @@ def neighbours_figure(
         finite = matrix[np.isfinite(matrix)]
         # Robust colour limits (1st-99th percentile; the bar's ends extend beyond): one outlier
         # does not wash out the rest of the panel.
-        vmin, vmax = (float(np.percentile(finite, 1)), float(np.percentile(finite, 99))) if len(finite) else (0.0, 1.0)
+        vmin, vmax = (float(np.percentile(finite, 1)), float(np.percentile(finite,
+                                                                           99))) if len(finite) else (0.0,
+                                                                                                      1.0)
         if vmax <= vmin:
             vmax = vmin + 1e-6
-        image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest",
+        image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax,
+                          interpolation="nearest",
                           aspect="equal" if selected else "auto")
         for _, start, _ in blocks[1:]:
             ax.axhline(start - 0.5, color="0.55" if selected else "white", lw=0.8 if selected else 1.5)
@@ -119,7 +123,8 @@ def neighbours_figure(
         ax.set_yticks(centres, block_names, fontsize=9)
         ax.set_ylabel("image (ordered by class)")
         knn = "" if panel.get("knn_top1") is None else f" | kNN top-1 {100 * panel['knn_top1']:.1f}%"
-        heading = f"{_wrap(panel['label'], 44)}\n{panel['feature_dim']}-d | agreement {panel['agreement']:.2f}{knn}"
+        heading = (f"{_wrap(panel['label'], 44)}\n"
+                   f"{panel['feature_dim']}-d | agreement {panel['agreement']:.2f}{knn}")
         if selected:
             ax.set_xticks(centres, block_names, fontsize=9, rotation=30, ha="right")
             ax.set_xlabel("neighbour (the chosen images, ordered by class)")
@@ -184,11 +189,13 @@ def ratios_figure(series: list[dict], *, class_names: list[str], normalize: bool
         ax_bar.set_xlabel("classes, ranked by ratio (highest first)")
     else:
         ax_bar.set_xticks(np.arange(len(present)), [class_names[c] for c in present],
-                          rotation=30 if len(present) > 6 else 0, ha="right" if len(present) > 6 else "center")
+                          rotation=30 if len(present) > 6 else 0,
+                          ha="right" if len(present) > 6 else "center")
         values = finite(np.concatenate([np.asarray(s["per_class"], np.float64)[present] for s in series]))
         if len(values):
             low = min(1.0, float(values.min()))
-            ax_bar.set_ylim(max(0.0, low - 0.1 * (values.max() - low + 1e-9)), values.max() + 0.08 * (values.max() - low + 1e-9))
+            ax_bar.set_ylim(max(0.0, low - 0.1 * (values.max() - low + 1e-9)),
+                            values.max() + 0.08 * (values.max() - low + 1e-9))
     ax_bar.set_ylabel("ratio = inter / intra")
     ax_bar.set_title(f"Per class: mean distance to other classes / within the class ({norm_text} features; "
                      "dashed: 1 = no separation)", fontsize=10)
@@ -197,18 +204,21 @@ def ratios_figure(series: list[dict], *, class_names: list[str], normalize: bool
     box_data = [finite(np.asarray(s["per_class"], np.float64)[present]) for s in series]
     positions = np.arange(1, n + 1)
     ax_box.boxplot([d if len(d) else [np.nan] for d in box_data], positions=positions, widths=0.55,
-                   showmeans=True, showfliers=False, meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black",
+                   showmeans=True, showfliers=False, meanprops={"marker": "D", "markerfacecolor": "white",
+                                                                "markeredgecolor": "black",
                                               "markersize": 5})
     rng = np.random.default_rng(0)
     for i, d in enumerate(box_data):
-        ax_box.scatter(positions[i] + rng.uniform(-0.15, 0.15, len(d)), d, s=14, color=colours[i], alpha=0.8, zorder=3)
+        ax_box.scatter(positions[i] + rng.uniform(-0.15, 0.15, len(d)), d, s=14, color=colours[i], alpha=0.8,
+                       zorder=3)
     ax_box.axhline(1.0, color="0.3", ls="--", lw=1)
     ax_box.set_xticks(positions, [_wrap(s["label"], 22) for s in series], fontsize=8)
     ax_box.set_ylabel("ratio per class")
     ax_box.set_title("Over classes (box: quartiles, median; diamond: mean)", fontsize=10)
 
     samples = [finite(s["per_sample"]) for s in series]
-    pooled = np.concatenate([v for v in samples if len(v)]) if any(len(v) for v in samples) else np.array([1.0])
+    nonempty = [v for v in samples if len(v)]
+    pooled = np.concatenate(nonempty) if nonempty else np.array([1.0])
     lo, hi = np.percentile(pooled, [0.5, 99.5])
     if hi <= lo:
         lo, hi = lo - 0.05, hi + 0.05
@@ -278,7 +288,8 @@ def _data(art: Artifact | dict | None) -> str:
     record = art.manifest.get("dataset") if isinstance(art, Artifact) else art
     if not record:
         return "-"
-    limits = [f"{key.split('_')[-1]} {record[key]}" for key in ("limit_train", "limit_test") if record.get(key)]
+    limits = [f"{key.split('_')[-1]} {record[key]}" for key in ("limit_train",
+                                                                "limit_test") if record.get(key)]
     if record.get("image_size"):
         limits.append(f"{record['image_size']} px")
     return record.get("spec", "?") + (f" ({', '.join(limits)})" if limits else "")
@@ -303,16 +314,19 @@ class Lineage:
             return "-"
         kind = record.get("type")
         if kind == "random":
-            return f"random init ({record.get('arch')}, width {_cell(record.get('width'))}, seed {record.get('seed')})"
+            return (f"random init ({record.get('arch')}, width {_cell(record.get('width'))}, "
+                    f"seed {record.get('seed')})")
         if kind == "torchvision":
-            return f"torchvision weights {Path(record.get('spec', '')).name} (sha256 {str(record.get('sha256'))[:10]})"
+            return (f"torchvision weights {Path(record.get('spec', '')).name} "
+                    f"(sha256 {str(record.get('sha256'))[:10]})")
         art = self.pretrain(record.get("spec", ""))
         if art is None:
             return f"pretrain {record.get('spec')} ({record.get('method', '?')}) [missing]"
         c, m = art.config, art.metrics
         steps = f", {m['steps']} steps" if m.get("steps") is not None else ""
         epochs = f" / {m['epochs']:g} epochs" if isinstance(m.get("epochs"), (int, float)) else ""
-        changed = " [changed since recorded]" if record.get("digest") and record["digest"] != art.digest else ""
+        stale = record.get("digest") and record["digest"] != art.digest
+        changed = " [changed since recorded]" if stale else ""
         data = f" on {_data(art)}" if art.manifest.get("dataset") else ""
         return (f"pretrain/{art.name}: {c.get('method', '?')}, {c.get('arch')} w{_cell(c.get('width'))}"
                 f"{data}{steps}{epochs}{changed}")
@@ -351,7 +365,8 @@ def _scalars(metrics: dict) -> dict:
 
 
 def _display_name(art: Artifact, workdir: Path) -> str:
-    """NAME for WORKDIR/KIND/NAME; FOLDER/NAME for an artifact of a nested workdir (WORKDIR/FOLDER/KIND/NAME)."""
+    """NAME for WORKDIR/KIND/NAME; FOLDER/NAME for an artifact of a nested workdir
+    (WORKDIR/FOLDER/KIND/NAME)."""
     try:
         parts = art.path.resolve().relative_to(Path(workdir).resolve()).parts
     except ValueError:
@@ -376,18 +391,23 @@ def _section(kind: str, arts: list[Artifact], lineage: Lineage, workdir: Path, o
         for a in arts:
             c, m = a.config, a.metrics
             extra = {k: v for k, v in _scalars(m).items() if k not in ("steps", "epochs", "loss", "wall_s")}
-            rows.append([link(a), c.get("method"), f"{c.get('arch')} w{c.get('width')} {c.get('stem')}", _data(a),
+            rows.append([link(a), c.get("method"), f"{c.get('arch')} w{c.get('width')} {c.get('stem')}",
+                         _data(a),
                          m.get("steps"), m.get("epochs"), m.get("loss"), m.get("wall_s"),
                          ", ".join(f"{k}={_cell(v)}" for k, v in list(extra.items())[:5])])
-        lines += _table(["artifact", "method", "network", "data", "steps", "epochs", "final loss", "wall s", "other"],
+        lines += _table(["artifact", "method", "network", "data", "steps", "epochs", "final loss", "wall s",
+                         "other"],
                         rows)
     elif kind == "features":
         rows = []
         for a in arts:
             c, m = a.config, a.metrics
-            rows.append([link(a), c.get("encoder_label"), lineage.describe(c.get("encoder")), c.get("split"), _data(a),
-                         f"{c.get('count')} x {c.get('feature_dim')}", c.get("image_size"), m.get("images_per_s")])
-        lines += _table(["artifact", "encoder", "lineage", "split", "data", "features", "px", "images/s"], rows)
+            rows.append([link(a), c.get("encoder_label"), lineage.describe(c.get("encoder")), c.get("split"),
+                         _data(a),
+                         f"{c.get('count')} x {c.get('feature_dim')}", c.get("image_size"),
+                         m.get("images_per_s")])
+        lines += _table(["artifact", "encoder", "lineage", "split", "data", "features", "px", "images/s"],
+                        rows)
     elif kind in ("linear", "semi"):
         rows = []
         for a in arts:
@@ -397,9 +417,11 @@ def _section(kind: str, arts: list[Artifact], lineage: Lineage, workdir: Path, o
                       else f"{m.get('subset_size')} labels ({_pct(m.get('subset_fraction'))}%)")
             rows.append([link(a), label, lineage.describe(record), _data(a), detail, _pct(m.get("top1")),
                          _pct(m.get("top5")), _pct(m.get("mean_per_class"))])
-            head(f"{kind} top-1", label + ("" if kind == "linear" else f" ({m.get('subset_size')} labels)"), a,
+            head(f"{kind} top-1", label + ("" if kind == "linear" else f" ({m.get('subset_size')} labels)"),
+                 a,
                  m.get("top1"))
-        lines += _table(["artifact", "encoder", "lineage", "data", "protocol" if kind == "linear" else "labels",
+        lines += _table(["artifact", "encoder", "lineage", "data",
+                         "protocol" if kind == "linear" else "labels",
                          "top-1 %", "top-5 %", "mean/class %"], rows)
     elif kind == "transfer":
         rows = []
@@ -408,9 +430,11 @@ def _section(kind: str, arts: list[Artifact], lineage: Lineage, workdir: Path, o
             for row in a.metrics.get("rows", []):
                 record = labels.get(row.get("encoder"))
                 rows.append([link(a), row.get("encoder"), lineage.describe(record), row.get("dataset"),
-                             row.get("mode", a.config.get("mode")), row.get("metric", a.metrics.get("metric")),
+                             row.get("mode", a.config.get("mode")), row.get("metric",
+                                                                            a.metrics.get("metric")),
                              _pct(row.get("score")), _pct(row.get("top1")), _cell(row.get("l2"))])
-        lines += _table(["artifact", "encoder", "lineage", "dataset", "mode", "metric", "score %", "top-1 %", "L2"],
+        lines += _table(["artifact", "encoder", "lineage", "dataset", "mode", "metric", "score %", "top-1 %",
+                         "L2"],
                         rows)
     elif kind == "neighbors":
         rows = []
@@ -436,14 +460,17 @@ def _section(kind: str, arts: list[Artifact], lineage: Lineage, workdir: Path, o
                 m = per.get(label, {})
                 rows.append([link(a), label, lineage.describe(record), _data(a), m.get("feature_dim"),
                              "yes" if a.config.get("normalize") else "no", _f3(m.get("ratio_mean")),
-                             _f3(m.get("ratio_median")), _f3(m.get("sample_ratio_median")), ", ".join(m.get("undefined_classes", [])) or "-"])
+                             _f3(m.get("ratio_median")), _f3(m.get("sample_ratio_median")),
+                             ", ".join(m.get("undefined_classes", [])) or "-"])
                 head("discriminant ratio (class median)", label, a, m.get("ratio_median"))
             figures.append(f"![{a.name}]({os.path.relpath(a.path / 'ratios.png', out_dir)})")
-        lines += _table(["artifact", "encoder", "lineage", "data", "dim", "normalised", "class mean", "class median",
+        lines += _table(["artifact", "encoder", "lineage", "data", "dim", "normalised", "class mean",
+                         "class median",
                          "image median", "undefined classes"], rows)
     else:  # saliency and anything else: every scalar metric
         keys = list(dict.fromkeys(k for a in arts for k in _scalars(a.metrics)))[:8]
-        rows = [[link(a), a.config.get("method", "-"), _data(a), *(a.metrics.get(k) for k in keys)] for a in arts]
+        rows = [[link(a), a.config.get("method", "-"), _data(a),
+                 *(a.metrics.get(k) for k in keys)] for a in arts]
         lines += _table(["artifact", "method", "data", *keys], rows)
     if figures:
         lines += [""] + [f + "\n" for f in figures]
@@ -477,7 +504,8 @@ def build_report(workdir: Path, output: Path) -> tuple[str, dict, int]:
         lines += ["## Summary", "", "![summary](report_summary.png)", ""]
     lines += body
     if broken:
-        lines += ["## Unreadable artifacts", ""] + _table(["path", "problem"], [[str(p), why] for p, why in broken])
+        lines += ["## Unreadable artifacts", ""] + _table(["path", "problem"], [[str(p), why] for p,
+                                                                                why in broken])
     return "\n".join(lines).rstrip() + "\n", headlines, len(arts)
 
 
@@ -499,8 +527,10 @@ def write_report(workdir: Path, output: Path | None = None) -> Path:
 
 
 def command(
-    workdir: Annotated[Path | None, typer.Argument(help="Artifact root to summarise (default: runs/ or $RELICV2_HOME).", show_default=False)] = None,
-    output: Annotated[Path | None, typer.Option(help="Markdown file to write (default: WORKDIR/report.md); the summary figure goes beside it.")] = None,
+    workdir: Annotated[Path | None, typer.Argument(
+        help="Artifact root to summarise (default: runs/ or $RELICV2_HOME).", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
+        help="Markdown file to write (default: WORKDIR/report.md); the summary figure beside it.")] = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Gather every artifact's metrics into report.md: one table per stage, encoders as rows, with lineage."""

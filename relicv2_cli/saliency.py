@@ -23,12 +23,25 @@ literature's convention, weighting precision over recall), averaged over images.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import cv2
+import h5py
 import numpy as np
+
+from relicv2_cli import artifacts
+from relicv2_cli.errors import RelicError
+
+if TYPE_CHECKING:
+    from relicv2_cli.data import Dataset
 
 BASE_METHODS = ("sr", "ft", "bc", "centre")
 METHODS = ("sr", "ft", "bc", "sr+grabcut", "ft+grabcut", "bc+grabcut", "centre")
 BETA2 = 0.3
+# The saliency artifact: masks.h5 with one group per split (mask, done, count, fingerprint).
+H5_NAME = "masks.h5"
+H5_FORMAT = "relicv2-saliency"
 
 # Parameters of every method, recorded in the artifact. Sizes are in pixels of the working image.
 DEFAULT_PARAMS: dict = {
@@ -87,7 +100,7 @@ def spectral_residual(image: np.ndarray, work_size: int = 64, avg_kernel: int = 
     amp = np.abs(spectrum)
     log_amp = np.log(amp + 1e-6 * amp.mean() + 1e-12).astype(np.float32)
     # A mirrored tile's spectrum is exactly zero on the row and column k = work_size (the
-    # original image's Nyquist frequency); fill them from their neighbours, or the local
+    # original image's Nyquist frequency); fill them from their neighbors, or the local
     # average would make every frequency next to them look novel.
     n = work_size
     log_amp[n] = 0.5 * (log_amp[n - 1] + log_amp[n + 1])
@@ -261,3 +274,57 @@ def evaluate(pred: np.ndarray, gt: np.ndarray) -> dict:
         raise ValueError(f"mask shapes differ: {pred.shape} vs {gt.shape}")
     iou, f = mask_scores(pred, gt)
     return {"iou": float(iou.mean()), "f_beta": float(f.mean()), "n": int(len(pred))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a saliency artifact (pretrain --saliency, the saliency stage's preview).
+
+
+def open_masks(path: str | Path, dataset: Dataset, split: str = "train") -> tuple[artifacts.Artifact,
+                                                                                  np.ndarray]:
+    """Load the binary masks of `split` from a saliency artifact, checked against `dataset`.
+
+    Returns the artifact (for the caller's parents list) and masks (N, H, W) uint8 in {0, 1}
+    aligned with `dataset.split(split).images`. Raises RelicError when the artifact holds no such
+    split or its count, fingerprint or image size differ from the dataset's."""
+    art = artifacts.load_artifact(path, kind="saliency")
+    target = dataset.split(split)
+    h5_path = art.file(H5_NAME)
+    try:
+        with h5py.File(h5_path, "r") as f:
+            if split not in f:
+                have = ", ".join(k for k in f if isinstance(f[k], h5py.Group)) or "none"
+                raise RelicError(f"saliency artifact {art.path} has no masks for the {split} split "
+                                 f"(it has: {have}); rerun `relicv2 saliency` with --split {split} or all")
+            group = f[split]
+            count, fingerprint = int(group.attrs["count"]), str(group.attrs["fingerprint"])
+            made_for = _describe(art.manifest.get("dataset") or {})
+            here = _describe({"spec": dataset.spec, **dataset.options})
+            if count != len(target):
+                raise RelicError(f"saliency masks were made for a different dataset: {split} count "
+                                 f"{count:,} != "
+                                 f"{len(target):,} (masks: {made_for}; data: {here})")
+            if fingerprint != target.fingerprint:
+                raise RelicError(f"saliency masks were made for a different dataset: {split} fingerprint "
+                                 f"{fingerprint[:12]}… != {target.fingerprint[:12]}… (masks: {made_for}; "
+                                 f"data: {here})")
+            if not bool(np.all(group["done"][()])):
+                raise RelicError(f"{h5_path}: the {split} masks are incomplete")
+            masks = group["mask"][()]
+    except OSError as e:
+        raise RelicError(f"unreadable saliency file {h5_path}: {e}") from None
+    if masks.shape != target.images.shape[:3]:
+        raise RelicError(f"saliency masks are {masks.shape[1]}x{masks.shape[2]} but the {split} images are "
+                         f"{target.images.shape[1]}x{target.images.shape[2]}")
+    return art, masks
+
+
+def load_masks(path: str | Path, dataset: Dataset, split: str = "train") -> np.ndarray:
+    """Masks (N, H, W) uint8 {0, 1} of `split`, refused when made for a different dataset."""
+    return open_masks(path, dataset, split)[1]
+
+
+def _describe(record: dict) -> str:
+    extras = [f"{k}={record[k]}" for k in ("limit_train", "limit_test", "image_size",
+                                           "seed") if record.get(k) is not None]
+    return " ".join([str(record.get("spec", "?")), *extras])

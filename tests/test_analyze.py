@@ -14,9 +14,9 @@ from relicv2_cli.data import load_dataset
 from relicv2_cli.data.synthetic import CLASS_NAMES
 from relicv2_cli.errors import RelicError
 from relicv2_cli.stages.neighbors import (
-    nearest_neighbours,
-    neighbour_agreement,
-    neighbour_matrix,
+    nearest_neighbors,
+    neighbor_agreement,
+    neighbor_matrix,
     resolve_classes,
     select_anchors,
 )
@@ -98,27 +98,27 @@ def test_ratio_edge_cases_do_not_crash():
     assert np.isnan(discriminant_ratios(x[:20], y[:20], num_classes=4)[0][2:]).all()
 
 
-def test_neighbours_agreement_orders_tight_before_loose_and_breaks_ties_by_index():
+def test_neighbors_agreement_orders_tight_before_loose_and_breaks_ties_by_index():
     x, y = clusters([0.05, 3.0, 3.0], n=20, dim=4, distance=2.0)
-    idx, dist = nearest_neighbours(x, x, 5, exclude=np.arange(len(x)), chunk=8)
+    idx, dist = nearest_neighbors(x, x, 5, exclude=np.arange(len(x)), chunk=8)
     assert idx.shape == dist.shape == (60, 5)
     assert (idx != np.arange(60)[:, None]).all()  # never itself
     assert (np.diff(dist, axis=1) >= 0).all()  # sorted by distance
-    agreement = neighbour_agreement(y, y[idx])
+    agreement = neighbor_agreement(y, y[idx])
     assert agreement.per_class[0] == 1.0  # the tight cluster keeps to itself
     assert agreement.per_class[0] > agreement.per_class[1] and agreement.per_class[0] > agreement.per_class[2]
     assert agreement.overall == pytest.approx(np.mean(list(agreement.per_class.values())))
-    # Hand-computed: two anchors, neighbours (a, a, b), (b, b, b).
-    hand = neighbour_agreement(np.array([0, 1]), np.array([[0, 0, 1], [1, 1, 1]]))
+    # Hand-computed: two anchors, neighbors (a, a, b), (b, b, b).
+    hand = neighbor_agreement(np.array([0, 1]), np.array([[0, 0, 1], [1, 1, 1]]))
     assert hand.per_class == {0: pytest.approx(2 / 3), 1: 1.0} and hand.overall == pytest.approx(5 / 6)
     # Ties: duplicated points at equal distance come back in index order, the excluded one skipped.
     pool = np.array([[0.0, 0], [1, 0], [1, 0], [1, 0], [5, 5]])
-    idx, dist = nearest_neighbours(pool[:1], pool, 3, exclude=np.array([0]))
+    idx, dist = nearest_neighbors(pool[:1], pool, 3, exclude=np.array([0]))
     assert idx.tolist() == [[1, 2, 3]] and np.allclose(dist, 1)
-    matrix = neighbour_matrix(idx, dist, 5)
+    matrix = neighbor_matrix(idx, dist, 5)
     assert np.isnan(matrix[0, [0, 4]]).all() and np.allclose(matrix[0, 1:4], 1)
     with pytest.raises(RelicError, match="pool has 4 candidate"):
-        nearest_neighbours(pool[:1], pool, 5, exclude=np.array([0]))
+        nearest_neighbors(pool[:1], pool, 5, exclude=np.array([0]))
 
 
 def test_class_choice_and_anchor_selection():
@@ -201,21 +201,27 @@ def test_neighbors_ratios_report_end_to_end(tmp_path, cli):
     assert report == tmp_path / "report.md"
     for heading in ("## pretrain (1)", "## features (4)", "## neighbors (1)", "## ratios (1)", "## Summary"):
         assert heading in text
-    assert "pretrain/tiny: relicv2, resnet18 w0.25" in text and "random init (resnet18, width 0.5, seed 0)" in text
-    assert "![tiny-relicv2+random-resnet18-synthetic](neighbors/tiny-relicv2+random-resnet18-synthetic/neighbors.png)" in text
+    assert "pretrain/tiny: relicv2, resnet18 w0.25" in text
+    assert "random init (resnet18, width 0.5, seed 0)" in text
+    figure = "tiny-relicv2+random-resnet18-synthetic"
+    assert f"![{figure}](neighbors/{figure}/neighbors.png)" in text
     assert png_size(tmp_path / "report_summary.png")[0] > 500
 
 
 def test_analyze_errors_write_nothing(tmp_path, cli):
     base = ["random:resnet18", "synthetic", *SMALL, "--width", "0.25", "--workdir", tmp_path]
     cases = [
-        (("analyze", "neighbors", *base, "--classes", "circle,cow"), "unknown class 'cow' in --classes; valid classes: circle, square"),
+        (("analyze", "neighbors", *base, "--classes", "circle,cow"),
+         "unknown class 'cow' in --classes; valid classes: circle, square"),
         (("analyze", "neighbors", *base, "--classes", "circle"), "at least 2 classes"),
         (("analyze", "neighbors", *base, "--pool", "train"), "--pool must be one of selected, test"),
         (("analyze", "neighbors", *base, "--k", "0"), "--k must be at least 1"),
-        (("analyze", "ratios", "random:resnet18", "random:resnet34", "--workdir", tmp_path), "the last argument must be a dataset SPEC"),
-        (("analyze", "ratios", "synthetic", "--workdir", tmp_path), "one or more ENCODERs and then a dataset SPEC"),
-        (("analyze", "ratios", "random:resnet18", "random:resnet18", "synthetic", "--workdir", tmp_path), "listed twice"),
+        (("analyze", "ratios", "random:resnet18", "random:resnet34", "--workdir", tmp_path),
+         "the last argument must be a dataset SPEC"),
+        (("analyze", "ratios", "synthetic", "--workdir", tmp_path),
+         "one or more ENCODERs and then a dataset SPEC"),
+        (("analyze", "ratios", "random:resnet18", "random:resnet18", "synthetic", "--workdir", tmp_path),
+         "listed twice"),
         (("analyze", "ratios", tmp_path / "nope", "synthetic", "--workdir", tmp_path), "unknown encoder"),
         (("analyze", "ratios", *base, "--distance-batch", "0"), "--distance-batch must be at least 1"),
         (("analyze", "ratios", *base[:2], "--limit-train", "20", "--limit-test", "1", "--image-size", "16",

@@ -17,7 +17,8 @@ def test_manifest_fields_and_file_digests(tmp_path):
     art = make(tmp_path)
     m = json.loads((art.path / "manifest.json").read_text())
     assert m["format"] == "relicv2-artifact" and m["schema"] == 1 and m["kind"] == "features"
-    assert set(m) >= {"name", "created", "tool", "command", "config", "parents", "dataset", "files", "metrics", "digest"}
+    assert set(m) >= {"name", "created", "tool", "command", "config", "parents", "dataset", "files",
+                      "metrics", "digest"}
     assert m["files"]["payload.bin"]["bytes"] == 5
     assert m["files"]["payload.bin"]["sha256"] == artifacts.sha256_file(art.path / "payload.bin")
     assert m["digest"] == artifacts.manifest_digest(m)
@@ -107,12 +108,14 @@ def test_lineage_lists_parents_and_flags_changed_ones(tmp_path, cli):
     child = make(tmp_path, name="child", parents=[parent])
     grandchild = make(tmp_path, name="grandchild", parents=[child])
     rows = artifacts.lineage(grandchild)
-    assert [(depth, entry.name) for depth, entry, _ in rows] == [(0, "grandchild"), (1, "child"), (2, "parent")]
+    assert [(depth, entry.name) for depth, entry, _ in rows] == [(0, "grandchild"), (1, "child"), (2,
+                                                                                                   "parent")]
     make(tmp_path, name="parent", payload=b"changed", force=True)
     rows = artifacts.lineage(grandchild)
     assert rows[2][2] == "changed since recorded"
     with pytest.raises(RelicError, match="changed since it was recorded"):
-        artifacts.check_parent(artifacts.load_artifact(tmp_path / "features" / "parent"), child.manifest["parents"][0])
+        artifacts.check_parent(artifacts.load_artifact(tmp_path / "features" / "parent"),
+                               child.manifest["parents"][0])
     out = cli("artifacts", "lineage", grandchild.path).out
     assert "grandchild" in out and "child" in out and "changed since recorded" in out
 

@@ -42,8 +42,9 @@ STEPS = 4
 SETTINGS = dict(spec="synthetic", limit_train=64, limit_test=32, image_size=16, large_size=16, small_size=8,
                 width=0.25, proj_hidden=64, proj_dim=32, batch_size=16, epochs=2.0, warmup_epochs=0.0, lr=0.2,
                 log_every=1, eval_every=0, precision="fp64", deterministic=True, checkpoint_every=2)
-CLI_ARGS = ["synthetic", "--limit-train", "64", "--limit-test", "32", "--image-size", "16", "--large-size", "16",
-            "--small-size", "8", "--width", "0.25", "--proj-hidden", "64", "--proj-dim", "32", "--batch-size", "16",
+CLI_ARGS = ["synthetic", "--limit-train", "64", "--limit-test", "32", "--image-size", "16",
+            "--large-size", "16", "--small-size", "8", "--width", "0.25", "--proj-hidden", "64",
+            "--proj-dim", "32", "--batch-size", "16",
             "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.2", "--log-every", "1", "--eval-every", "0",
             "--precision", "fp64", "--deterministic", "--checkpoint-every", "2", "--quiet"]
 # Linear biases feeding a BatchNorm: their true gradient is 0, so their (tiny) updates are rounding noise.
@@ -64,13 +65,17 @@ def launch(args: list[str], *, nproc: int | None = 2, max_restarts: int = 0, tim
            hooks: list[str] | None = None) -> subprocess.CompletedProcess:
     """torchrun (nproc processes) or a plain process (nproc None) running the CLI; `hooks` runs it
     through this file's worker mode."""
-    target = [str(THIS), "worker", *hooks, "--", "pretrain", *args] if hooks is not None else ["-m", "relicv2_cli", "pretrain", *args]
+    target = [str(THIS), "worker", *hooks, "--", "pretrain", *args] if hooks is not None else ["-m",
+                                                                                               "relicv2_cli",
+                                                                                               "pretrain",
+                                                                                               *args]
     cmd = [sys.executable]
     if nproc is not None:
         cmd += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
                 f"--master-port={free_port()}", f"--max-restarts={max_restarts}", "--monitor-interval=0.2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd + target, capture_output=True, text=True, timeout=timeout, env=env, cwd=THIS.parents[1])
+    return subprocess.run(cmd + target, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=THIS.parents[1])
 
 
 def checkpoint(path: Path) -> dict:
@@ -102,7 +107,8 @@ def reference(tmp_path_factory):
     """One process, whole batch: the run every multi-process run is compared with."""
     torch.set_num_threads(1)  # module scope: set up before conftest's per-test one_thread fixture
     workdir = tmp_path_factory.mktemp("reference")
-    init = run_pretrain(cfg(max_steps=1, lr=0.0), workdir=workdir, name="init", quiet=True)  # lr 0: initial weights
+    # lr 0: initial weights
+    init = run_pretrain(cfg(max_steps=1, lr=0.0), workdir=workdir, name="init", quiet=True)
     ref = run_pretrain(cfg(), workdir=workdir, name="ref", quiet=True)
     return SimpleNamespace(init=checkpoint(init.path), state=checkpoint(ref.path), records=records(ref.path),
                            config=ref.config)
@@ -133,6 +139,7 @@ def test_sync_batchnorm_equals_batchnorm_on_the_whole_batch(unit_checks):
 
 def test_negatives_come_from_the_global_batch(unit_checks):
     for rank in unit_checks:
+        assert rank["gathered_equal_global_batch"]  # rank r's rows at r * b, for every gathered tensor
         assert rank["negatives_equal_one_process"]  # this rank's rows of the one-process draw
         assert rank["loss_error"] < 1e-6  # mean of the ranks' losses = the one-process loss
     assert unit_checks[0]["negatives_on_other_rank"] > 0  # an anchor on rank 0 drew rows living on rank 1
@@ -150,7 +157,8 @@ def test_ddp_step_equals_one_process_step(unit_checks):
 
 
 def test_two_processes_match_one_process(reference, tmp_path):
-    proc = launch([*CLI_ARGS, "--max-steps", str(STEPS), "--dist-sampling", "global", "--workdir", str(tmp_path),
+    proc = launch([*CLI_ARGS, "--max-steps", str(STEPS), "--dist-sampling", "global", "--workdir",
+                   str(tmp_path),
                    "--name", "two"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     art = tmp_path / "pretrain" / "two"
@@ -159,7 +167,8 @@ def test_two_processes_match_one_process(reference, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # rank 0 alone writes the log
     for got, want in zip(rows, reference.records, strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-10)
-        assert got["lr"] == want["lr"] and got["ema_rate"] == want["ema_rate"]  # lr scaled by the global batch
+        # lr scaled by the global batch
+        assert got["lr"] == want["lr"] and got["ema_rate"] == want["ema_rate"]
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["config"]["extra"]["world_size"] == 2
     assert manifest["config"]["base_lr_scaled"] == reference.config["base_lr_scaled"]
@@ -192,7 +201,8 @@ def test_sigterm_stops_every_process_then_resume_continues(reference, tmp_path):
 def test_sigterm_on_one_rank_stops_all_at_the_same_step(reference, tmp_path):
     # Only rank 1 gets SIGTERM, after step 2: the flag all-reduced every step stops rank 0 after the
     # same step; rank 0 checkpoints, both exit 143 and torchrun reports the failure (exit 1).
-    proc = launch([*CLI_ARGS, "--max-steps", str(STEPS), "--dist-sampling", "global", "--workdir", str(tmp_path),
+    proc = launch([*CLI_ARGS, "--max-steps", str(STEPS), "--dist-sampling", "global", "--workdir",
+                   str(tmp_path),
                    "--name", "one-rank"], hooks=["--rank", "1", "--sigterm-at", "2"])
     assert proc.returncode == 1
     assert proc.stderr.count("exitcode  : 143") == 2, proc.stderr[-3000:]
@@ -202,7 +212,8 @@ def test_sigterm_on_one_rank_stops_all_at_the_same_step(reference, tmp_path):
     assert [r["step"] for r in records(partial)] == [1, 2]
     # --dist-sampling global: the run is independent of the number of processes, so a one-process
     # resume ends where the uninterrupted one-process run does.
-    resumed = run_pretrain(cfg(), workdir=tmp_path, name="one-rank", resume=True, quiet=True, dist_sampling="global")
+    resumed = run_pretrain(cfg(), workdir=tmp_path, name="one-rank", resume=True, quiet=True,
+                           dist_sampling="global")
     assert [r["step"] for r in records(resumed.path)] == list(range(1, STEPS + 1))
     assert_same_training(checkpoint(resumed.path), reference.state, reference.init)
 
@@ -211,7 +222,8 @@ def test_dead_rank_fails_the_others_and_max_restarts_resumes(reference, tmp_path
     # Rank 1 is SIGKILLed after step 3 (last checkpoint: step 2) in the first attempt only. Rank 0 must
     # fail with a clear message instead of hanging; torchrun restarts both; --resume continues from
     # step 2 and the run ends with the same weights as the uninterrupted one-process run.
-    proc = launch([*CLI_ARGS, "--max-steps", str(STEPS), "--dist-sampling", "global", "--resume", "--dist-timeout", "30",
+    proc = launch([*CLI_ARGS, "--max-steps", str(STEPS), "--dist-sampling", "global", "--resume",
+                   "--dist-timeout", "30",
                    "--workdir", str(tmp_path), "--name", "crash"], max_restarts=1,
                   hooks=["--rank", "1", "--sigkill-at", "3", "--first-attempt-only"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,8 +239,10 @@ def test_dead_rank_fails_the_others_and_max_restarts_resumes(reference, tmp_path
 
 def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp_path):
     marker = tmp_path / "writing"
-    args = [*CLI_ARGS, "--max-steps", str(STEPS), "--checkpoint-every", "1", "--workdir", str(tmp_path), "--name", "k9"]
-    cmd = [sys.executable, str(THIS), "worker", "--hang-checkpoint-write", "3", "--marker", str(marker), "--", "pretrain", *args]
+    args = [*CLI_ARGS, "--max-steps", str(STEPS), "--checkpoint-every", "1", "--workdir", str(tmp_path),
+            "--name", "k9"]
+    cmd = [sys.executable, str(THIS), "worker", "--hang-checkpoint-write", "3", "--marker", str(marker), "--",
+           "pretrain", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=THIS.parents[1])
     try:
@@ -248,7 +262,8 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp
     resumed = run_pretrain(cfg(checkpoint_every=1), workdir=tmp_path, name="k9", resume=True, quiet=True)
     assert [r["step"] for r in records(resumed.path)] == list(range(1, STEPS + 1))
     assert not (resumed.path / "checkpoint.pt.tmp").exists()
-    assert_same_training(checkpoint(resumed.path), reference.state, reference.init, tol=1e-12)  # one process: exact
+    # one process: exact
+    assert_same_training(checkpoint(resumed.path), reference.state, reference.init, tol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,8 +369,10 @@ def _unit(out: Path) -> None:
             grads = [mine.weight.grad.clone(), mine.bias.grad.clone()]
             for t in grads:
                 dist.all_reduce(t)
-            errors = {"output": err(yl, yr[rows(shape[0])]), "input_grad": err(xl.grad, xr.grad[rows(shape[0])]),
-                      "weight_grad": err(grads[0], ref.weight.grad), "bias_grad": err(grads[1], ref.bias.grad),
+            errors = {"output": err(yl, yr[rows(shape[0])]), "input_grad": err(xl.grad,
+                                                                               xr.grad[rows(shape[0])]),
+                      "weight_grad": err(grads[0], ref.weight.grad), "bias_grad": err(grads[1],
+                                                                                      ref.bias.grad),
                       "running_mean": err(mine.running_mean, ref.running_mean),
                       "running_var": err(mine.running_var, ref.running_var),
                       "batches": float(mine.num_batches_tracked != ref.num_batches_tracked)}
@@ -367,18 +384,24 @@ def _unit(out: Path) -> None:
     online, target = torch.randn(n, 8, generator=g), torch.randn(n, 8, generator=g)
     ref_loss, _ = relic_loss(online, target, n_negatives=5, generator=torch.Generator().manual_seed(7))
     ref_negatives = sample_negatives(n, 5, torch.Generator().manual_seed(7), "cpu")
-    loss, _ = relic_loss(online[rows(n)], target[rows(n)], n_negatives=5, generator=torch.Generator().manual_seed(7),
-                         **ctx.pools(online[rows(n)], target[rows(n)]))
+    online_pool, target_pool = ctx.gather([online[rows(n)], target[rows(n)]])  # one all-gather for both
+    result["gathered_equal_global_batch"] = bool(torch.equal(online_pool, online) and torch.equal(target_pool,
+                                                                                                  target))
+    loss, _ = relic_loss(online[rows(n)], target[rows(n)], n_negatives=5,
+                         generator=torch.Generator().manual_seed(7),
+                         target_pool=target_pool, online_pool=online_pool, offset=rank * b, global_rows=True)
     mean = loss.detach().clone()
     dist.all_reduce(mean)
-    negatives = sample_negatives(b, 5, torch.Generator().manual_seed(7), "cpu", offset=rank * b, pool=n, global_rows=True)
+    negatives = sample_negatives(b, 5, torch.Generator().manual_seed(7), "cpu", offset=rank * b, pool=n,
+                                 global_rows=True)
     result["negatives_equal_one_process"] = bool(torch.equal(negatives, ref_negatives[rows(n)]))
     result["negatives_on_other_rank"] = int(((negatives // b) != rank).sum())
     result["loss_error"] = abs(mean.item() / world - ref_loss.item())
 
     # A DDP step with synchronised BatchNorm and a mean loss == the one-process step on the whole batch.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(),
                           nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double()
     ref_model = copy.deepcopy(model)
     local = ctx.sync_batchnorm(model)
@@ -391,9 +414,12 @@ def _unit(out: Path) -> None:
             opt.zero_grad()
             F.cross_entropy(net(xs), ys).backward()
             opt.step()
-        result["ddp_grad_error"] = max(err(p.grad, q.grad) for p, q in zip(local.parameters(), ref_model.parameters(), strict=True))
+        result["ddp_grad_error"] = max(err(p.grad, q.grad) for p, q in zip(local.parameters(),
+                                                                           ref_model.parameters(),
+                                                                           strict=True))
         x = x + 0.1
-    result["ddp_weight_error"] = max(err(p, q) for p, q in zip(local.parameters(), ref_model.parameters(), strict=True))
+    result["ddp_weight_error"] = max(err(p, q) for p, q in zip(local.parameters(), ref_model.parameters(),
+                                                               strict=True))
 
     # Evaluation embeds a share of the images per process and all-gathers (7 rows: uneven shares).
     images = torch.arange(7 * 3, dtype=torch.float64).reshape(7, 3)

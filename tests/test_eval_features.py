@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from relicv2_cli import features as features_lib
 from relicv2_cli.artifacts import Staging, load_artifact
 from relicv2_cli.data import load_dataset
 from relicv2_cli.encoders import load_encoder
 from relicv2_cli.errors import RelicError
+from relicv2_cli.features import extract_features, read_features
 from relicv2_cli.models import build_resnet
-from relicv2_cli.stages import features as features_stage
-from relicv2_cli.stages.features import extract_features, read_features
 
 TINY = dict(arch="resnet18", width=0.25, stem="cifar")
 
@@ -22,8 +22,10 @@ def make_pretrain(workdir, name="tiny", seed=0, image_size=16, force=False):
     torch.manual_seed(seed)
     model = build_resnet("resnet18", 0.25, "cifar")
     with Staging(workdir, "pretrain", name, force=force) as staging:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging.dir / "backbone.safetensors"))
-        return staging.commit(config={"arch": "resnet18", "width": 0.25, "stem": "cifar", "image_size": image_size,
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(staging.dir / "backbone.safetensors"))
+        return staging.commit(config={"arch": "resnet18", "width": 0.25, "stem": "cifar",
+                                      "image_size": image_size,
                                       "method": "relicv2"})
 
 
@@ -60,7 +62,8 @@ def test_load_encoder_kinds(tmp_path):
     torch.save(state, tmp_path / "tv.pth")
     tv = load_encoder(f"torchvision:{tmp_path / 'tv.pth'}", **TINY)
     assert torch.equal(tv.model.conv1.weight, ref.conv1.weight) and tv.record["sha256"]
-    with pytest.raises(RelicError, match="does not match the network built from --arch resnet18 --width 1 --stem cifar"):
+    with pytest.raises(RelicError,
+                       match="does not match the network built from --arch resnet18 --width 1 --stem cifar"):
         load_encoder(f"torchvision:{tmp_path / 'tv.pth'}", arch="resnet18", width=1.0, stem="cifar")
     torch.save({**state, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pth")
     with pytest.raises(RelicError, match="1 unexpected"):
@@ -125,13 +128,15 @@ def test_features_of_another_encoder_or_data_are_refused(tmp_path, tiny_data):
     a = load_encoder("random:resnet18", width=0.25, seed=0)
     b = load_encoder("random:resnet18", width=0.25, seed=1)
     art = extract_features(a, tiny_data, "test", workdir=tmp_path, device="cpu", quiet=True, name="shared")
-    with pytest.raises(RelicError, match=r"features artifact .*shared was made by encoder 'random:resnet18'.*--force"):
+    with pytest.raises(RelicError,
+                       match=r"features artifact .*shared was made by encoder 'random:resnet18'.*--force"):
         extract_features(b, tiny_data, "test", workdir=tmp_path, device="cpu", quiet=True, name="shared")
     other = load_dataset("synthetic", limit_train=120, limit_test=30, image_size=16)
     with pytest.raises(RelicError, match="was made from other data"):
         extract_features(a, other, "test", workdir=tmp_path, device="cpu", quiet=True, name="shared")
     assert load_artifact(art.path).digest == art.digest  # nothing was written
-    replaced = extract_features(b, tiny_data, "test", workdir=tmp_path, device="cpu", quiet=True, name="shared",
+    replaced = extract_features(b, tiny_data, "test", workdir=tmp_path, device="cpu", quiet=True,
+                                name="shared",
                                 force=True)
     assert replaced.config["encoder_key"] == b.key != art.config["encoder_key"]
 
@@ -172,4 +177,4 @@ def test_features_command(tmp_path, cli):
     assert art.config["count"] == 30 and art.config["split"] == "test"
     bad = cli("eval", "features", "random:resnet18", "synthetic", "--split", "val", "--workdir", tmp_path)
     assert bad.code == 2 and "has no validation split" in bad.err
-    assert features_stage.SPLITS == ("train", "val", "test")
+    assert features_lib.SPLITS == ("train", "val", "test")

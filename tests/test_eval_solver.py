@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
+from relicv2_cli import probe
 from relicv2_cli.data.subsets import balanced_subset, load_subset_file, subset_digest, write_subset_file
 from relicv2_cli.errors import RelicError
-from relicv2_cli.stages import linear
-from relicv2_cli.stages.linear import (
+from relicv2_cli.probe import (
     fit_logistic,
     holdout_split,
     linear_probe,
@@ -44,7 +44,8 @@ def test_fit_logistic_matches_the_objective_optimum():
     z = (torch.from_numpy(x) - model.mean) / model.std
     w_std = (model.weight * model.std).requires_grad_(True)
     b_std = (model.bias + model.weight @ model.mean).requires_grad_(True)
-    loss = torch.nn.functional.cross_entropy(z @ w_std.T + b_std, torch.from_numpy(y)) + 0.05 * (w_std**2).sum()
+    loss = torch.nn.functional.cross_entropy(z @ w_std.T + b_std,
+                                             torch.from_numpy(y)) + 0.05 * (w_std**2).sum()
     loss.backward()
     assert w_std.grad.abs().max() < 1e-4 and b_std.grad.abs().max() < 1e-4
     assert model.iterations > 0
@@ -89,13 +90,13 @@ def test_linear_probe_refits_on_train_plus_val(monkeypatch):
     x, y = blobs(20)
     xv, yv = blobs(10, seed=2)
     sizes = []
-    real = linear.fit_logistic
+    real = probe.fit_logistic
 
     def spy(features, labels, l2, **kw):
         sizes.append(len(features))
         return real(features, labels, l2, **kw)
 
-    monkeypatch.setattr(linear, "fit_logistic", spy)
+    monkeypatch.setattr(probe, "fit_logistic", spy)
     linear_probe(x, y, xv, yv, num_classes=4, grid=[1e-3, 1e-1], val_x=xv, val_y=yv)
     assert sizes == [80, 80, 120]  # one fit per grid value on train, then the refit on train + val
     sizes.clear()
@@ -142,7 +143,8 @@ def test_subset_files(tmp_path):
     assert subset_digest(idx) == subset_digest(np.array([1, 5, 9]))
     (tmp_path / "c.txt").write_text("# SimCLR-style list\n3\n\n4  # comment\n")
     assert load_subset_file(tmp_path / "c.txt", 5).tolist() == [3, 4]
-    cases = {"1\n10\n": "out of range", "1\n2\n1\n": "duplicate", "1\nx\n": "not an integer", "\n": "no index",
+    cases = {"1\n10\n": "out of range", "1\n2\n1\n": "duplicate", "1\nx\n": "not an integer",
+             "\n": "no index",
              "-1\n": "out of range"}
     for text, message in cases.items():
         (tmp_path / "bad.txt").write_text(text)

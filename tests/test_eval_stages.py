@@ -8,33 +8,35 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from relicv2_cli import features as features_lib
+from relicv2_cli import probe
 from relicv2_cli.artifacts import load_artifact, verify_artifact
 from relicv2_cli.data import load_dataset
 from relicv2_cli.data.subsets import balanced_subset
-from relicv2_cli.stages import features as features_stage
-from relicv2_cli.stages import linear as linear_stage
 from tests.test_eval_features import make_pretrain
 
-SMALL = ["--limit-train", "200", "--limit-test", "60", "--image-size", "16", "--width", "0.25", "--device", "cpu"]
+SMALL = ["--limit-train", "200", "--limit-test", "60", "--image-size", "16", "--width", "0.25", "--device",
+         "cpu"]
 
 
 @pytest.fixture
 def forwards(monkeypatch):
     """Counts calls of the feature extractor (one per split actually embedded)."""
     calls = []
-    real = features_stage.encode_images
+    real = features_lib.encode_images
 
     def spy(model, images, **kw):
         calls.append(len(images))
         return real(model, images, **kw)
 
-    monkeypatch.setattr(features_stage, "encode_images", spy)
+    monkeypatch.setattr(features_lib, "encode_images", spy)
     return calls
 
 
 def test_linear_cached_reuses_features(tmp_path, cli, forwards):
     pre = make_pretrain(tmp_path)
-    result = cli("eval", "linear", pre.path, "synthetic", *SMALL, "--workdir", tmp_path, "--l2-grid", "1e-4:1:5")
+    result = cli("eval", "linear", pre.path, "synthetic", *SMALL, "--workdir", tmp_path, "--l2-grid",
+                 "1e-4:1:5")
     assert result.code == 0, result.err
     art = load_artifact(result.last_line, kind="linear")
     assert art.path == tmp_path / "linear" / "tiny-relicv2-synthetic"
@@ -62,7 +64,8 @@ def test_linear_cached_reuses_features(tmp_path, cli, forwards):
 
 
 def test_linear_augment_protocol(tmp_path, cli):
-    result = cli("eval", "linear", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path, "--protocol", "augment",
+    result = cli("eval", "linear", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path,
+                 "--protocol", "augment",
                  "--max-steps", "3", "--batch-size", "64", "--quiet")
     assert result.code == 0, result.err
     art = load_artifact(result.last_line, kind="linear")
@@ -77,21 +80,27 @@ def test_bad_input_writes_nothing(tmp_path, cli):
     feats = cli("eval", "features", pre.path, "synthetic", *SMALL, "--workdir", tmp_path, "--quiet")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     cases = [
-        (["eval", "linear", feats.last_line, "synthetic"], "expected an artifact of kind 'pretrain', found kind 'features'"),
+        (["eval", "linear", feats.last_line, "synthetic"],
+         "expected an artifact of kind 'pretrain', found kind 'features'"),
         (["eval", "linear", "random:resnet18", "synthetic", "--l2-grid", "x"], "--l2-grid"),
         (["eval", "linear", "random:resnet18", "nosuch:data"], "unknown dataset spec"),
-        (["eval", "linear", "random:resnet18", "synthetic", "--protocol", "sgd"], "--protocol must be one of"),
+        (["eval", "linear", "random:resnet18", "synthetic", "--protocol", "sgd"],
+         "--protocol must be one of"),
         (["eval", "semi", "random:resnet18", "synthetic", "--fraction", "0"], "--fraction must be in (0, 1]"),
-        (["eval", "semi", "random:resnet18", "synthetic", "--fraction", "1.5"], "--fraction must be in (0, 1]"),
+        (["eval", "semi", "random:resnet18", "synthetic", "--fraction", "1.5"],
+         "--fraction must be in (0, 1]"),
         (["eval", "semi", "random:resnet18", "synthetic"], "exactly one of --fraction"),
-        (["eval", "semi", "random:resnet18", "synthetic", "--subset", tmp_path / "nope.txt"], "subset file not found"),
+        (["eval", "semi", "random:resnet18", "synthetic", "--subset", tmp_path / "nope.txt"],
+         "subset file not found"),
         (["eval", "transfer", "random:resnet18"], "at least one dataset SPEC"),
         (["eval", "transfer", "synthetic"], "at least one ENCODER"),
     ]
     (tmp_path / "range.txt").write_text("0\n5\n200\n")
-    cases.append((["eval", "semi", "random:resnet18", "synthetic", "--subset", tmp_path / "range.txt"], "out of range"))
+    cases.append((["eval", "semi", "random:resnet18", "synthetic", "--subset", tmp_path / "range.txt"],
+                  "out of range"))
     (tmp_path / "dup.txt").write_text("0\n5\n5\n")
-    cases.append((["eval", "semi", "random:resnet18", "synthetic", "--subset", tmp_path / "dup.txt"], "duplicate"))
+    cases.append((["eval", "semi", "random:resnet18", "synthetic", "--subset", tmp_path / "dup.txt"],
+                  "duplicate"))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for args, message in cases:
         result = cli(*args, *SMALL, "--workdir", tmp_path)
@@ -113,7 +122,8 @@ def test_semi_fraction_leaving_a_class_empty(tmp_path, cli):
 
 def test_semi_subset_is_balanced_deterministic_and_reused(tmp_path, cli):
     pre = make_pretrain(tmp_path)
-    args = ["synthetic", *SMALL, "--workdir", tmp_path, "--fraction", "0.1", "--max-steps", "2", "--batch-size", "8"]
+    args = ["synthetic", *SMALL, "--workdir", tmp_path, "--fraction", "0.1", "--max-steps", "2",
+            "--batch-size", "8"]
     result = cli("eval", "semi", pre.path, *args)
     assert result.code == 0, result.err
     art = load_artifact(result.last_line, kind="semi")
@@ -125,12 +135,14 @@ def test_semi_subset_is_balanced_deterministic_and_reused(tmp_path, cli):
     expected = np.round(0.1 * np.bincount(data.train.labels, minlength=10))
     assert counts.tolist() == expected.astype(int).tolist()
     m = art.metrics
-    assert m["subset_size"] == len(indices) and m["steps"] == 2 and m["batch"] == 8 and 0 <= m["top1"] <= m["top5"] <= 1
+    assert m["subset_size"] == len(indices) and m["steps"] == 2 and m["batch"] == 8
+    assert 0 <= m["top1"] <= m["top5"] <= 1
     assert m["head_lr"] == m["backbone_lr"] == pytest.approx(0.1 * 8 / 256)  # lr * batch / 256, one lr
     assert "test top-1" in result.err
 
     # The random-init baseline on the same images: via the artifact (or its subset.txt), or the same seed.
-    base = cli("eval", "semi", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path, "--subset", art.path,
+    base = cli("eval", "semi", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path, "--subset",
+               art.path,
                "--max-steps", "1", "--batch-size", "8", "--quiet")
     assert base.code == 0, base.err
     base_art = load_artifact(base.last_line)
@@ -153,7 +165,8 @@ def write_imagefolder(root: Path, per_split=(12, 6, 6), classes=("a", "b", "c"))
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(n // len(classes) * 1 + 2):
-                image = np.full((16, 16, 3), 60 * c, np.uint8) + rng.integers(0, 40, (16, 16, 3), dtype=np.uint8)
+                image = np.full((16, 16, 3), 60 * c, np.uint8) + rng.integers(0, 40, (16, 16, 3),
+                                                                              dtype=np.uint8)
                 cv2.imwrite(str(folder / f"{i}.png"), image)
 
 
@@ -161,14 +174,15 @@ def test_transfer_several_encoders_and_datasets(tmp_path, cli, monkeypatch):
     write_imagefolder(tmp_path / "folder")
     pre = make_pretrain(tmp_path)
     sizes = []
-    real = linear_stage.fit_logistic
+    real = probe.fit_logistic
 
     def spy(features, labels, l2, **kw):
         sizes.append(len(features))
         return real(features, labels, l2, **kw)
 
-    monkeypatch.setattr(linear_stage, "fit_logistic", spy)
-    result = cli("eval", "transfer", pre.path, "random:resnet18", "synthetic", f"imagefolder:{tmp_path / 'folder'}",
+    monkeypatch.setattr(probe, "fit_logistic", spy)
+    result = cli("eval", "transfer", pre.path, "random:resnet18", "synthetic",
+                 f"imagefolder:{tmp_path / 'folder'}",
                  *SMALL, "--workdir", tmp_path, "--l2-grid", "1e-3:1:4", "--metric", "mean-per-class")
     assert result.code == 0, result.err
     art = load_artifact(result.last_line, kind="transfer")
@@ -177,7 +191,8 @@ def test_transfer_several_encoders_and_datasets(tmp_path, cli, monkeypatch):
         ("pretrain/tiny (relicv2)", "synthetic"), ("pretrain/tiny (relicv2)", "imagefolder"),
         ("random:resnet18", "synthetic"), ("random:resnet18", "imagefolder")]
     syn, folder = rows[0], rows[1]
-    assert syn["val_source"].startswith("carved 0.2") and syn["n_train"] + syn["n_val"] == 200 == syn["refit_count"]
+    assert syn["val_source"].startswith("carved 0.2")
+    assert syn["n_train"] + syn["n_val"] == 200 == syn["refit_count"]
     assert folder["val_source"] == "split" and (folder["n_train"], folder["n_val"]) == (18, 12)
     assert folder["refit_count"] == 30 and folder["n_test"] == 12
     # Per (encoder, dataset): 4 grid fits on train, then one refit on train + val.
@@ -189,7 +204,8 @@ def test_transfer_several_encoders_and_datasets(tmp_path, cli, monkeypatch):
 
 
 def test_transfer_finetune(tmp_path, cli):
-    result = cli("eval", "transfer", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path, "--finetune",
+    result = cli("eval", "transfer", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path,
+                 "--finetune",
                  "--max-steps", "2", "--batch-size", "32", "--quiet")
     assert result.code == 0, result.err
     row = load_artifact(result.last_line).metrics["rows"][0]
@@ -197,8 +213,11 @@ def test_transfer_finetune(tmp_path, cli):
 
 
 def test_linear_on_cifar10(cifar_dir, tmp_path, cli):
-    result = cli("eval", "linear", "random:resnet18", f"cifar10:{cifar_dir}", "--limit-train", "500", "--limit-test",
-                 "200", "--width", "0.25", "--workdir", tmp_path, "--device", "cpu", "--l2-grid", "1e-3:10:5", "--quiet")
+    result = cli("eval", "linear", "random:resnet18", f"cifar10:{cifar_dir}", "--limit-train", "500",
+                 "--limit-test",
+                 "200", "--width", "0.25", "--workdir", tmp_path, "--device", "cpu", "--l2-grid", "1e-3:10:5",
+                 "--quiet")
     assert result.code == 0, result.err
     art = load_artifact(result.last_line)
-    assert art.name == "random-resnet18-cifar10-data" and art.metrics["top1"] > 0.15  # random features beat chance
+    # random features beat chance
+    assert art.name == "random-resnet18-cifar10-data" and art.metrics["top1"] > 0.15

@@ -96,7 +96,8 @@ def test_default_init_is_torchvision():
     "kwargs", [{"arch": "resnet19"}, {"arch": "resnet18", "width": 3}, {"arch": "resnet18", "stem": "tiny"}]
 )
 def test_invalid_options_raise(kwargs):
-    with pytest.raises(RelicError, match="valid"):
+    flag = "--" + [k for k in kwargs if k != "arch"][-1] if len(kwargs) > 1 else "--arch"
+    with pytest.raises(RelicError, match=f"{flag} must be one of"):
         build_resnet(**kwargs)
 
 

@@ -30,7 +30,8 @@ def test_relicv2_artifact_has_state_metrics_and_backbones(tmp_path):
     rows = records(art)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     first = rows[0]
-    for key in ("loss", "contrastive", "kl", "lr", "ema_rate", "embedding_std", "images_per_s", "probe_train_top1"):
+    for key in ("loss", "contrastive", "kl", "lr", "ema_rate", "embedding_std", "images_per_s",
+                "probe_train_top1"):
         assert key in first
     assert first["loss"] == pytest.approx(first["contrastive"] + first["kl"], rel=1e-5)  # alpha = beta = 1
     assert "knn_top1" in rows[-1] and "knn_top1" in art.metrics
@@ -40,9 +41,11 @@ def test_relicv2_artifact_has_state_metrics_and_backbones(tmp_path):
 
 
 def test_imagenet_stem_width_1_backbone_loads_into_torchvision(tmp_path):
-    cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, stem="imagenet", max_steps=1)
+    cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, stem="imagenet",
+                         max_steps=1)
     art = run_pretrain(cfg, workdir=tmp_path, quiet=True)
-    for state in (load_file(art.path / "backbone.safetensors"), torch.load(art.path / "backbone.pt", weights_only=True)):
+    for state in (load_file(art.path / "backbone.safetensors"), torch.load(art.path / "backbone.pt",
+                                                                           weights_only=True)):
         result = torchvision.models.resnet18().load_state_dict(state, strict=False)
         assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
 
@@ -86,9 +89,11 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(typer.Exit):
-        run_pretrain(PretrainConfig(**TINY, max_steps=4), workdir=tmp_path, name="r", quiet=True, step_callback=kill_at_1)
+        run_pretrain(PretrainConfig(**TINY, max_steps=4), workdir=tmp_path, name="r", quiet=True,
+                     step_callback=kill_at_1)
     with pytest.raises(RelicError, match="different settings.*tau"):
-        run_pretrain(PretrainConfig(**TINY, max_steps=4, tau=0.5), workdir=tmp_path, name="r", resume=True, quiet=True)
+        run_pretrain(PretrainConfig(**TINY, max_steps=4, tau=0.5), workdir=tmp_path, name="r", resume=True,
+                     quiet=True)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -105,7 +110,8 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
     with pytest.raises(RelicError, match="loss became nan at step 2"):
         run_pretrain(cfg, workdir=tmp_path, name="n", quiet=True)
     state = torch.load(tmp_path / "pretrain" / ".n.partial" / "checkpoint.pt", weights_only=True)
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
 
 
 def test_bad_options_give_one_line_errors(cli, tmp_path):
@@ -113,14 +119,17 @@ def test_bad_options_give_one_line_errors(cli, tmp_path):
     assert result.code != 0 and "--method must be one of relicv2, byol, supervised" in result.err
     result = cli("pretrain", "synthetic", "--limit-train", "8", "--batch-size", "16", "--workdir", tmp_path)
     assert result.code != 0 and "larger than the training split" in result.err
-    result = cli("pretrain", "synthetic", "--saliency", tmp_path / "nope", "--limit-train", "32", "--batch-size", "16", "--workdir", tmp_path)
+    result = cli("pretrain", "synthetic", "--saliency", tmp_path / "nope", "--limit-train", "32",
+                 "--batch-size", "16", "--workdir", tmp_path)
     assert result.code != 0 and "not found" in result.err
     assert not (tmp_path / "pretrain").exists() or not any((tmp_path / "pretrain").iterdir())
 
 
 def test_cli_prints_artifact_path_last(cli, tmp_path):
-    result = cli("pretrain", "synthetic", "--limit-train", "32", "--limit-test", "16", "--width", "0.25", "--batch-size", "16",
-                 "--proj-hidden", "32", "--proj-dim", "16", "--max-steps", "1", "--workdir", tmp_path, "--quiet")
+    result = cli("pretrain", "synthetic", "--limit-train", "32", "--limit-test", "16", "--width", "0.25",
+                 "--batch-size", "16",
+                 "--proj-hidden", "32", "--proj-dim", "16", "--max-steps", "1", "--workdir", tmp_path,
+                 "--quiet")
     assert result.code == 0, result.err
     assert result.last_line == str(tmp_path / "pretrain" / "relicv2-synthetic-resnet18")
 
@@ -135,7 +144,8 @@ def test_time_budget_stops_early_evaluates_and_says_why(tmp_path, monkeypatch):
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(pretrain, "_loss", slow_loss)
-    art = run_pretrain(PretrainConfig(**TINY, max_steps=8, time_budget_min=0.9 / 60), workdir=tmp_path, quiet=True)
+    art = run_pretrain(PretrainConfig(**TINY, max_steps=8, time_budget_min=0.9 / 60), workdir=tmp_path,
+                       quiet=True)
     assert art.metrics["steps"] == 2 and art.metrics["stopped_by"] == "time_budget"
     assert 0.9 <= art.metrics["train_s"] < 3
     assert "knn_top1" in records(art)[-1] and "knn_top1" in art.metrics  # the early stop still evaluates

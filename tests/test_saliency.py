@@ -9,8 +9,9 @@ from relicv2_cli import saliency as sal
 from relicv2_cli.artifacts import Staging, load_artifact
 from relicv2_cli.data import load_dataset
 from relicv2_cli.errors import RelicError
+from relicv2_cli.saliency import load_masks
 from relicv2_cli.stages import saliency as stage
-from relicv2_cli.stages.saliency import load_masks, run
+from relicv2_cli.stages.saliency import run
 
 SMALL = dict(limit_train=64, limit_test=8)
 
@@ -113,7 +114,8 @@ def test_cli_writes_artifact_with_quality_and_preview(cli, tmp_path):
     with h5py.File(art.path / "masks.h5") as f:
         assert list(f) == ["train"]
         assert f["train"]["mask"].shape == (64, 32, 32) and f["train"]["mask"].compression == "gzip"
-        assert f["train"].attrs["fingerprint"] == dataset.train.fingerprint and f["train"].attrs["count"] == 64
+        assert f["train"].attrs["fingerprint"] == dataset.train.fingerprint
+        assert f["train"].attrs["count"] == 64
         assert f.attrs["method"] == stage.DEFAULT_METHOD and "grabcut" in json.loads(f.attrs["params"])
     masks = load_masks(art.path, dataset)
     assert masks.shape == (64, 32, 32) and masks.dtype == np.uint8
@@ -121,8 +123,10 @@ def test_cli_writes_artifact_with_quality_and_preview(cli, tmp_path):
 
 
 def test_pool_gives_the_same_masks_and_split_all(tmp_path):
-    one = run("synthetic", **SMALL, workdir=tmp_path, name="one", workers=1, chunk_size=16, quality_n=0, quiet=True)
-    two = run("synthetic", **SMALL, workdir=tmp_path, name="two", workers=2, chunk_size=16, quality_n=0, quiet=True,
+    one = run("synthetic", **SMALL, workdir=tmp_path, name="one", workers=1, chunk_size=16, quality_n=0,
+              quiet=True)
+    two = run("synthetic", **SMALL, workdir=tmp_path, name="two", workers=2, chunk_size=16, quality_n=0,
+              quiet=True,
               split="all", method="bc")
     dataset = load_dataset("synthetic", **SMALL)
     assert np.array_equal(load_masks(two.path, dataset, "train"), sal.compute(dataset.train.images, "bc")[1])
@@ -186,7 +190,8 @@ def write_masks(folder, masks, scale=255, size=None):
 def test_import_from_dir_by_index(cli, tmp_path):
     dataset = load_dataset("synthetic", **SMALL)
     write_masks(tmp_path / "masks", dataset.train.masks, size=64)  # another model's size, resized back
-    result = cli("saliency", "synthetic", "--limit-train", "64", "--limit-test", "8", "--workdir", tmp_path / "runs",
+    result = cli("saliency", "synthetic", "--limit-train", "64", "--limit-test", "8", "--workdir",
+                 tmp_path / "runs",
                  "--from-dir", tmp_path / "masks", "--workers", "1", "--quality-n", "16", "--quiet")
     assert result.code == 0, result.err
     art = load_artifact(result.last_line)
@@ -199,7 +204,8 @@ def test_import_missing_or_unreadable_mask_is_named(cli, tmp_path):
     dataset = load_dataset("synthetic", **SMALL)
     write_masks(tmp_path / "masks", dataset.train.masks, scale=1)  # {0, 1} PNGs are accepted too
     (tmp_path / "masks" / "00017.png").unlink()
-    args = ("saliency", "synthetic", "--limit-train", "64", "--limit-test", "8", "--workdir", tmp_path / "runs",
+    args = ("saliency", "synthetic", "--limit-train", "64", "--limit-test", "8", "--workdir",
+            tmp_path / "runs",
             "--from-dir", tmp_path / "masks", "--workers", "1")
     result = cli(*args)
     assert result.code == 2
@@ -224,11 +230,13 @@ def test_import_by_file_name_for_imagefolder(tmp_path):
             mask_dir.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(mask_dir / f"{c}{k}.png"), truth * 255)
             names.append((c, k))
-    art = run(f"imagefolder:{root}", from_dir=tmp_path / "masks", workdir=tmp_path / "runs", workers=1, quiet=True)
+    art = run(f"imagefolder:{root}", from_dir=tmp_path / "masks", workdir=tmp_path / "runs", workers=1,
+              quiet=True)
     dataset = load_dataset(f"imagefolder:{root}")
     masks = load_masks(art.path, dataset)
     for i, file in enumerate(dataset.train.files):
-        expected = cv2.imread(str(tmp_path / "masks" / file.split("/")[-2] / (file.split("/")[-1][:-4] + ".png")), 0)
+        folder, stem = file.split("/")[-2], file.split("/")[-1][:-4]
+        expected = cv2.imread(str(tmp_path / "masks" / folder / (stem + ".png")), 0)
         assert np.array_equal(masks[i], (expected > 127).astype(np.uint8))
 
 

@@ -1,36 +1,34 @@
-"""`relicv2 analyze neighbors`: nearest-neighbour structure of frozen representations (method.md 6).
+"""`relicv2 analyze neighbors`: nearest-neighbor structure of frozen representations (method.md 6).
 
 For a few chosen classes (default: two pairs of look-alike classes, e.g. CIFAR-10 cat/dog and
 automobile/truck), the first `--per-class` test images of each class are the *anchors*. Every
-anchor's `--k` nearest neighbours are found by L2 distance on the encoder's cached centre-view
-features (stages/features.py). The features are L2-normalised first (default; `--no-normalize`
+anchor's `--k` nearest neighbors are found by L2 distance on the encoder's cached centre-view
+features (relicv2_cli/features.py). The features are L2-normalised first (default; `--no-normalize`
 uses raw features), so the distance is the chord distance sqrt(2 - 2 cos), a monotone function of
 the cosine similarity that lies in [0, 2] for every encoder, whatever its width or scale:
 
-- `--pool selected` (default, the paper's figure): neighbours are searched among the anchors
+- `--pool selected` (default, the paper's figure): neighbors are searched among the anchors
   themselves (the anchor excluded). The figure is an anchor x pool matrix, rows and columns
   ordered by class, a cell coloured by the distance when the column image is one of the row
-  image's k nearest neighbours and blank otherwise: a representation that keeps the chosen
+  image's k nearest neighbors and blank otherwise: a representation that keeps the chosen
   classes apart shows a block-diagonal structure.
-- `--pool test`: neighbours are searched in the whole test split (the anchor excluded). The figure
-  is an anchor x neighbour-rank matrix coloured by distance; a cross marks a neighbour of another
+- `--pool test`: neighbors are searched in the whole test split (the anchor excluded). The figure
+  is an anchor x neighbor-rank matrix coloured by distance; a cross marks a neighbor of another
   class.
 
 Ties in distance go to the lower index (stable sort), so results are deterministic.
 
-Numbers: neighbour class agreement = the share of an anchor's k neighbours that have the anchor's
+Numbers: neighbor class agreement = the share of an anchor's k neighbors that have the anchor's
 class, averaged over the anchors of a class (per class) and over all anchors (overall); and the
 weighted kNN top-1 accuracy of the usual SSL protocol on the whole test split with the training
 split as memory (knn.py: cosine similarity, k=20, temperature 0.07, votes exp(sim / T)).
 
-The pure functions (`resolve_classes`, `select_anchors`, `pairwise_l2`, `nearest_neighbours`,
-`neighbour_agreement`) are unit-tested on hand-made clusters; `prepare_inputs` and `encoder_features`
-are shared with the ratios stage.
+The pure functions (`resolve_classes`, `select_anchors`, `nearest_neighbors`, `neighbor_agreement`)
+are unit-tested on hand-made clusters; what the ratios stage shares with this one is in analysis.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -43,14 +41,17 @@ import typer
 from rich.table import Table
 
 from relicv2_cli import options
+from relicv2_cli.analysis import (
+    check_common,
+    encoder_features,
+    l2_normalize,
+    pairwise_l2,
+    prepare_inputs,
+    unique_parents,
+)
 from relicv2_cli.artifacts import Artifact, Staging
-from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset
-from relicv2_cli.encoders import Encoder, load_encoder, slugify
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import knn_accuracy
-from relicv2_cli.stages.features import PRECISIONS, FeatureSet, split_features
-from relicv2_cli.stages.linear import ArchOpt, PrecisionOpt, StemOpt, WidthOpt, check_fresh, spec_slug
-from relicv2_cli.stages.transfer import is_dataset_spec
 
 POOLS = ("selected", "test")
 NUMBERS_FILE = "neighbors.json"
@@ -126,22 +127,7 @@ def select_anchors(
     return np.concatenate(chosen).astype(np.int64), available
 
 
-def l2_normalize(features) -> np.ndarray:
-    """Rows scaled to unit L2 norm (all-zero rows stay zero), float64."""
-    x = np.asarray(features, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def pairwise_l2(a, b, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Euclidean distances (len(a), len(b)) in float64: sqrt(max(|a|^2 + |b|^2 - 2 a.b, 0))."""
-    a = torch.as_tensor(a, dtype=torch.float64, device=device)
-    b = torch.as_tensor(b, dtype=torch.float64, device=device)
-    sq = torch.addmm((a * a).sum(1, keepdim=True) + (b * b).sum(1)[None, :], a, b.T, alpha=-2.0)
-    return sq.clamp_(min=0).sqrt_()
-
-
-def nearest_neighbours(
+def nearest_neighbors(
     queries, pool, k: int, *, exclude=None, chunk: int = 1024, device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices into `pool` and distances (Q, k) of each query's k nearest pool points (L2).
@@ -153,7 +139,7 @@ def nearest_neighbours(
     pool = np.asarray(pool, dtype=np.float64)
     available = len(pool) - (1 if exclude is not None else 0)
     if k < 1 or k > available:
-        raise RelicError(f"k={k} nearest neighbours asked for, but the pool has {available} candidate(s)")
+        raise RelicError(f"k={k} nearest neighbors asked for, but the pool has {available} candidate(s)")
     pool_t = torch.as_tensor(pool, device=device)
     idx_out, dist_out = [], []
     for start in range(0, len(queries), chunk):
@@ -170,104 +156,30 @@ def nearest_neighbours(
 
 @dataclass
 class Agreement:
-    overall: float  # mean over anchors of the share of their neighbours in their class
+    overall: float  # mean over anchors of the share of their neighbors in their class
     per_class: dict[int, float]  # the same, over the anchors of each class
     per_anchor: np.ndarray  # (Q,) share per anchor
 
 
-def neighbour_agreement(anchor_labels, neighbour_labels) -> Agreement:
-    """Share of each anchor's neighbours that carry the anchor's label: per anchor, averaged per
+def neighbor_agreement(anchor_labels, neighbor_labels) -> Agreement:
+    """Share of each anchor's neighbors that carry the anchor's label: per anchor, averaged per
     class (classes in order of first appearance) and over all anchors."""
     anchor_labels = np.asarray(anchor_labels)
-    neighbour_labels = np.asarray(neighbour_labels)
-    if neighbour_labels.ndim != 2 or len(neighbour_labels) != len(anchor_labels) or len(anchor_labels) == 0:
-        raise RelicError(f"neighbour labels {neighbour_labels.shape} do not match {len(anchor_labels)} anchors")
-    share = (neighbour_labels == anchor_labels[:, None]).mean(1)
+    neighbor_labels = np.asarray(neighbor_labels)
+    if neighbor_labels.ndim != 2 or len(neighbor_labels) != len(anchor_labels) or len(anchor_labels) == 0:
+        raise RelicError(f"neighbor labels {neighbor_labels.shape} do not match {len(anchor_labels)} anchors")
+    share = (neighbor_labels == anchor_labels[:, None]).mean(1)
     classes = list(dict.fromkeys(anchor_labels.tolist()))
     per_class = {int(c): float(share[anchor_labels == c].mean()) for c in classes}
     return Agreement(float(share.mean()), per_class, share)
 
 
-def neighbour_matrix(neighbours: np.ndarray, distances: np.ndarray, size: int) -> np.ndarray:
-    """(Q, size) float matrix: the distance at each (anchor, neighbour) cell, NaN elsewhere."""
-    out = np.full((len(neighbours), size), np.nan)
-    rows = np.repeat(np.arange(len(neighbours)), neighbours.shape[1])
-    out[rows, neighbours.ravel()] = distances.ravel()
+def neighbor_matrix(neighbors: np.ndarray, distances: np.ndarray, size: int) -> np.ndarray:
+    """(Q, size) float matrix: the distance at each (anchor, neighbor) cell, NaN elsewhere."""
+    out = np.full((len(neighbors), size), np.nan)
+    rows = np.repeat(np.arange(len(neighbors)), neighbors.shape[1])
+    out[rows, neighbors.ravel()] = distances.ravel()
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Shared by the analysis stages: parse ENCODER... SPEC, load them, get cached features.
-
-
-def parse_items(items: list[str]) -> tuple[list[str], str]:
-    """ENCODER [ENCODER ...] SPEC: the last item is the dataset, every other one an encoder."""
-    if len(items) < 2:
-        raise RelicError("give one or more ENCODERs and then a dataset SPEC: ENCODER [ENCODER ...] SPEC")
-    *encoders, spec = items
-    if not is_dataset_spec(spec):
-        raise RelicError(f"the last argument must be a dataset SPEC ({', '.join(SPEC_KINDS)}), got {spec!r}")
-    extra = [e for e in encoders if is_dataset_spec(e)]
-    if extra:
-        raise RelicError(f"one dataset SPEC only, as the last argument; also got {', '.join(extra)}")
-    return encoders, spec
-
-
-def load_encoders(specs: list[str], *, arch: str, width: float, stem: str, seed: int) -> list[Encoder]:
-    encoders = [load_encoder(e, arch=arch, width=width, stem=stem, seed=seed) for e in specs]
-    labels = [e.label for e in encoders]
-    if len(set(labels)) != len(labels):
-        raise RelicError(f"an encoder is listed twice: {', '.join(labels)}")
-    return encoders
-
-
-def default_name(encoders: list[Encoder], spec: str, suffix: str = "") -> str:
-    base = "+".join(e.slug for e in encoders) + "-" + spec_slug(spec) + suffix
-    if len(base) > 80:
-        base = base[:60] + "-" + hashlib.sha256(base.encode()).hexdigest()[:8]
-    return slugify(base, 100)
-
-
-def check_common(batch_size: int, precision: str) -> None:
-    options.check_choice("--precision", precision, PRECISIONS)
-    if batch_size <= 0:
-        raise RelicError(f"--batch-size must be positive, got {batch_size}")
-
-
-@dataclass
-class Prepared:
-    encoders: list[Encoder]
-    dataset: Dataset
-    spec: str
-    name: str
-    device: torch.device
-
-
-def prepare_inputs(
-    items: list[str], *, kind: str, name: str | None, workdir: Path, force: bool, arch: str, width: float,
-    stem: str, seed: int, limit_train: int | None, limit_test: int | None, image_size: int | None,
-    device: str, name_suffix: str = "",
-) -> Prepared:
-    """Every check that needs no features: encoders, dataset, device, and a free output name."""
-    encoder_specs, spec = parse_items(items)
-    encoders = load_encoders(encoder_specs, arch=arch, width=width, stem=stem, seed=seed)
-    dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size, seed=seed)
-    name = name or default_name(encoders, spec, name_suffix)
-    check_fresh(Path(workdir), kind, name, force)
-    return Prepared(encoders, dataset, spec, name, options.resolve_device(device))
-
-
-def encoder_features(
-    encoder: Encoder, dataset: Dataset, split: str, *, device, batch_size: int, precision: str, workdir: Path,
-    quiet: bool,
-) -> FeatureSet:
-    """The encoder's cached features of one split (computed once, shared with the eval stages)."""
-    return split_features(encoder, dataset, split, device=device, batch_size=batch_size, precision=precision,
-                          workdir=Path(workdir), quiet=quiet)
-
-
-def unique_parents(parents: list[Artifact]) -> list[Artifact]:
-    return list({p.path.resolve(): p for p in parents}.values())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,10 +191,11 @@ def run_neighbors(
     normalize: bool = True, knn: bool = True, knn_k: int = KNN_K, knn_temperature: float = KNN_TEMPERATURE,
     arch: str = "resnet18", width: float = 1.0, stem: str = "cifar", batch_size: int = 256,
     precision: str = "bf16", limit_train: int | None = None, limit_test: int | None = None,
-    image_size: int | None = None, workdir: Path = options.DEFAULT_WORKDIR, name: str | None = None, seed: int = 0,
+    image_size: int | None = None, workdir: Path = options.DEFAULT_WORKDIR, name: str | None = None,
+    seed: int = 0,
     device: str = "auto", force: bool = False, quiet: bool = False,
 ) -> Artifact:
-    """Nearest-neighbour analysis of one or more encoders on one dataset -> a `neighbors` artifact."""
+    """Nearest-neighbor analysis of one or more encoders on one dataset -> a `neighbors` artifact."""
     options.check_choice("--pool", pool, POOLS)
     check_common(batch_size, precision)
     for flag, value in (("--per-class", per_class), ("--k", k), ("--knn-k", knn_k)):
@@ -291,7 +204,8 @@ def run_neighbors(
     if not knn_temperature > 0:
         raise RelicError(f"--knn-temperature must be positive, got {knn_temperature}")
     workdir = Path(workdir)
-    prep = prepare_inputs(items, kind="neighbors", name=name, workdir=workdir, force=force, arch=arch, width=width,
+    prep = prepare_inputs(items, kind="neighbors", name=name, workdir=workdir, force=force, arch=arch,
+                          width=width,
                           stem=stem, seed=seed, limit_train=limit_train, limit_test=limit_test,
                           image_size=image_size, device=device)
     dataset, names = prep.dataset, prep.dataset.class_names
@@ -304,7 +218,7 @@ def run_neighbors(
     pool_size = len(anchors) if pool == "selected" else len(test_labels)
     if k > pool_size - 1:
         if pool_size < 2:
-            raise RelicError(f"the pool holds {pool_size} image(s); nearest neighbours need at least 2")
+            raise RelicError(f"the pool holds {pool_size} image(s); nearest neighbors need at least 2")
         notes.append(f"--k {k} capped to {pool_size - 1} (the pool holds {pool_size} images)")
         k = pool_size - 1
     for note in notes:
@@ -318,20 +232,21 @@ def run_neighbors(
         parents.append(test.artifact)
         feats = l2_normalize(test.features) if normalize else test.features.astype(np.float64)
         if pool == "selected":
-            nbr_local, dist = nearest_neighbours(feats[anchors], feats[anchors], k,
+            nbr_local, dist = nearest_neighbors(feats[anchors], feats[anchors], k,
                                                  exclude=np.arange(len(anchors)), device=prep.device)
             nbr_index = anchors[nbr_local]
-            matrix = neighbour_matrix(nbr_local, dist, len(anchors))
+            matrix = neighbor_matrix(nbr_local, dist, len(anchors))
         else:
-            nbr_index, dist = nearest_neighbours(feats[anchors], feats, k, exclude=anchors, device=prep.device)
+            nbr_index, dist = nearest_neighbors(feats[anchors], feats, k, exclude=anchors, device=prep.device)
             matrix = dist
         nbr_labels = test_labels[nbr_index]
-        agreement = neighbour_agreement(anchor_labels, nbr_labels)
+        agreement = neighbor_agreement(anchor_labels, nbr_labels)
         knn_top1 = None
         if knn:
             train = encoder_features(encoder, dataset, "train", **fkw)
             parents.append(train.artifact)
-            knn_top1 = knn_accuracy(torch.from_numpy(train.features), train.labels, torch.from_numpy(test.features),
+            knn_top1 = knn_accuracy(torch.from_numpy(train.features), train.labels,
+                                    torch.from_numpy(test.features),
                                     test.labels, dataset.num_classes, k=knn_k, temperature=knn_temperature)
         results.append({"encoder": encoder, "neighbours": nbr_index, "distances": dist, "matrix": matrix,
                         "neighbour_labels": nbr_labels, "agreement": agreement, "knn_top1": knn_top1,
@@ -352,7 +267,8 @@ def run_neighbors(
     metrics = {"k": k, "pool": pool, "best_encoder": best, "best_agreement": per_encoder[best]["agreement"],
                "classes": [names[c] for c in class_ids], "anchors_per_class": counts, "encoders": per_encoder,
                "notes": notes, "seconds": round(seconds, 2)}
-    config = {"encoders": [e.record for e in prep.encoders], "encoder_labels": [e.label for e in prep.encoders],
+    config = {"encoders": [e.record for e in prep.encoders],
+              "encoder_labels": [e.label for e in prep.encoders],
               "spec": prep.spec, "classes": [names[c] for c in class_ids], "class_ids": class_ids,
               "per_class": per_class, "k": k, "pool": pool, "normalize": normalize,
               "distance": "L2 on L2-normalised features" if normalize else "L2 on raw features",
@@ -365,34 +281,40 @@ def run_neighbors(
     numbers = {
         "class_names": names, "classes": [names[c] for c in class_ids], "pool": pool, "k": k,
         "normalize": normalize, "anchors": anchors.tolist(), "anchor_labels": anchor_labels.tolist(),
-        "encoders": [
-            {"label": r["encoder"].label, "feature_dim": r["feature_dim"], "neighbours": r["neighbours"].tolist(),
-             "distances": np.round(r["distances"], 6).tolist(), "neighbour_labels": r["neighbour_labels"].tolist(),
+        "encoders": [  # "neighbours", "neighbour_labels": the artifact's keys, spelled as when first written
+            {"label": r["encoder"].label, "feature_dim": r["feature_dim"],
+             "neighbours": r["neighbours"].tolist(),
+             "distances": np.round(r["distances"], 6).tolist(),
+             "neighbour_labels": r["neighbour_labels"].tolist(),
              "agreement": r["agreement"].overall, "agreement_per_anchor": r["agreement"].per_anchor.tolist(),
              "knn_top1": r["knn_top1"]}
             for r in results
         ],
     }
-    from relicv2_cli.report import neighbours_figure, save_figure
+    from relicv2_cli.report import neighbors_figure, save_figure
 
     with Staging(workdir, "neighbors", prep.name, force=force) as staging:
         (staging.dir / NUMBERS_FILE).write_text(json.dumps(numbers) + "\n")
-        panels = [{"label": r["encoder"].label, "matrix": r["matrix"], "neighbour_labels": r["neighbour_labels"],
-                   "agreement": r["agreement"].overall, "knn_top1": r["knn_top1"], "feature_dim": r["feature_dim"]}
+        panels = [{"label": r["encoder"].label, "matrix": r["matrix"],
+                   "neighbour_labels": r["neighbour_labels"],
+                   "agreement": r["agreement"].overall, "knn_top1": r["knn_top1"],
+                   "feature_dim": r["feature_dim"]}
                   for r in results]
-        figure = neighbours_figure(panels, anchor_labels=anchor_labels, class_names=names, pool=pool, k=k,
-                                   normalize=normalize, title=f"{k} nearest neighbours on {prep.spec} (test split)")
+        figure = neighbors_figure(panels, anchor_labels=anchor_labels, class_names=names, pool=pool, k=k,
+                                   normalize=normalize,
+                                   title=f"{k} nearest neighbors on {prep.spec} (test split)")
         # A pool of more than ~100 images needs more pixels per cell to stay legible.
-        save_figure(figure, staging.dir, FIGURE_STEM, dpi=190 if pool == "selected" and len(anchors) > 100 else 130)
+        save_figure(figure, staging.dir, FIGURE_STEM,
+                    dpi=190 if pool == "selected" and len(anchors) > 100 else 130)
         art = staging.commit(config=config, parents=unique_parents(parents), dataset=dataset.record(),
                              metrics=metrics)
     if not quiet:
-        options.console.print(neighbours_table(per_encoder, [names[c] for c in class_ids], k, pool, prep.name))
+        options.console.print(neighbors_table(per_encoder, [names[c] for c in class_ids], k, pool, prep.name))
     return art
 
 
-def neighbours_table(per_encoder: dict, classes: list[str], k: int, pool: str, title: str) -> Table:
-    table = Table(title=f"neighbour class agreement (k={k}, pool={pool}) and weighted kNN: {title}")
+def neighbors_table(per_encoder: dict, classes: list[str], k: int, pool: str, title: str) -> Table:
+    table = Table(title=f"neighbor class agreement (k={k}, pool={pool}) and weighted kNN: {title}")
     table.add_column("encoder")
     table.add_column("dim", justify="right")
     for c in classes:
@@ -406,50 +328,48 @@ def neighbours_table(per_encoder: dict, classes: list[str], k: int, pool: str, t
     return table
 
 
-# ------------------------------------------------------------------------------------------------
-# Typer declarations, shared with the ratios stage.
-
-ItemsArg = Annotated[list[str], typer.Argument(
-    help="ENCODER [ENCODER ...] SPEC: one or more encoders (pretrain artifact, random:ARCH, torchvision:FILE), "
-         "then the dataset (synthetic, cifar10:DIR, ...).", metavar="ENCODER... SPEC", show_default=False)]
-NormalizeOpt = Annotated[bool, typer.Option(
-    "--normalize/--no-normalize",
-    help="L2-normalise features before distances, so encoders of any width/scale compare.")]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per forward pass when features are computed.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing artifact of the same name.")]
-NameOpt = Annotated[str | None, typer.Option(help="Artifact name (default: ENCODERS-DATASET, encoders joined by +).")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of random: encoders and of the synthetic data.")]
-
-
 def command(
-    items: ItemsArg,
-    classes: Annotated[str | None, typer.Option(help="Comma list of class names (or ids) to show; default: two look-alike pairs when the dataset has them (CIFAR-10: cat,dog,automobile,truck), else the first four.")] = None,
-    per_class: Annotated[int, typer.Option(help="Test images per chosen class, the first N in dataset order; capped, with a note, at what a class has (the paper: 50).")] = 50,
-    k: Annotated[int, typer.Option("--k", help="Nearest neighbours per image (the paper: 5).")] = 5,
-    pool: Annotated[str, typer.Option(help="Where neighbours are searched: selected (the chosen images; image x image figure, block-diagonal when classes separate) or test (the whole test split; image x rank figure).")] = "selected",
-    normalize: NormalizeOpt = True,
-    knn: Annotated[bool, typer.Option("--knn/--no-knn", help="Also report weighted kNN top-1 on the whole test split, train split as memory (needs train features).")] = True,
-    knn_k: Annotated[int, typer.Option(help="kNN: neighbours that vote (the usual SSL protocol: 20).")] = KNN_K,
-    knn_temperature: Annotated[float, typer.Option(help="kNN: temperature of the exp(cosine / T) votes (the usual SSL protocol: 0.07).")] = KNN_TEMPERATURE,
-    arch: ArchOpt = "resnet18",
-    width: WidthOpt = 1.0,
-    stem: StemOpt = "cifar",
-    batch_size: BatchSizeOpt = 256,
-    precision: PrecisionOpt = "bf16",
+    items: options.Items,
+    classes: Annotated[str | None, typer.Option(
+        help="Comma list of class names (or ids) to show; default: two look-alike pairs when the dataset "
+             "has them (CIFAR-10: cat,dog,automobile,truck), else the first four.")] = None,
+    per_class: Annotated[int, typer.Option(
+        help="Test images per chosen class, the first N in dataset order; capped, with a note, at what a "
+             "class has.")] = 50,
+    k: Annotated[int, typer.Option("--k", help="Nearest neighbors per image (the paper: 5).")] = 5,
+    pool: Annotated[str, typer.Option(
+        help="Where neighbors are searched: selected (the chosen images) or test (the whole test "
+             "split).")] = "selected",
+    normalize: options.Normalize = True,
+    knn: Annotated[bool, typer.Option(
+        "--knn/--no-knn",
+        help="Also report weighted kNN top-1 on the whole test split, train split as memory (needs train "
+             "features).")] = True,
+    knn_k: Annotated[int, typer.Option(help="kNN: neighbors that vote.")] = KNN_K,
+    knn_temperature: Annotated[float, typer.Option(
+        help="kNN: temperature of the exp(cosine / T) votes.")] = KNN_TEMPERATURE,
+    arch: options.Arch = "resnet18",
+    width: options.Width = 1.0,
+    stem: options.Stem = "cifar",
+    batch_size: options.EmbedBatch = 256,
+    precision: options.Precision = "bf16",
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
-    name: NameOpt = None,
-    seed: SeedOpt = 0,
+    name: options.Name = None,
+    seed: options.Seed = 0,
     device: options.Device = "auto",
-    force: ForceOpt = False,
+    force: options.Force = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Nearest neighbours of a few classes' test images, side by side per encoder, + agreement and kNN."""
-    art = run_neighbors(items, classes=classes, per_class=per_class, k=k, pool=pool, normalize=normalize, knn=knn,
+    """Nearest neighbors of a few classes' test images, side by side per encoder, + agreement and kNN."""
+    art = run_neighbors(items, classes=classes, per_class=per_class, k=k, pool=pool, normalize=normalize,
+                        knn=knn,
                         knn_k=knn_k, knn_temperature=knn_temperature, arch=arch, width=width, stem=stem,
-                        batch_size=batch_size, precision=precision, limit_train=limit_train, limit_test=limit_test,
-                        image_size=image_size, workdir=workdir, name=name, seed=seed, device=device, force=force,
+                        batch_size=batch_size, precision=precision, limit_train=limit_train,
+                        limit_test=limit_test,
+                        image_size=image_size, workdir=workdir, name=name, seed=seed, device=device,
+                        force=force,
                         quiet=quiet)
     options.finish(art.path)

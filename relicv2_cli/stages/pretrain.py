@@ -1,13 +1,14 @@
-"""`relicv2 pretrain`: RELICv2 (and BYOL / supervised baselines) pre-training of a ResNet.
+"""`relicv2 pretrain`: RELICv2 (and the BYOL / supervised baselines) pre-training of a ResNet.
 
-Data flow, one step: uint8 batch on the device -> multi-crop views (mask-aware, batched) ->
-online network (all large views in one forward, all small views in another) and EMA target (large
-views only) -> pair loop of the method's loss -> optimizer step -> EMA update -> metrics.jsonl.
+Read top to bottom: the config, `setup` (data, networks, optimisers), `train_step` (views -> loss ->
+backward -> optimiser -> EMA -> probe), `train` (the loop: one place logs, evaluates, checkpoints and
+stops), `run_pretrain` (staging directory, resume, artifact) and the Typer command. The options'
+rationale is in docs/pretrain.md, the data path of a step in docs/architecture.md.
 
-The artifact directory is built under WORKDIR/pretrain/.NAME.partial, which holds checkpoint.pt
-and metrics.jsonl while training; SIGTERM/SIGINT save a checkpoint there and exit, `--resume`
-continues from it. Every step draws its randomness from a generator seeded by (seed, step), so a
-resumed run sees exactly the batches and augmentations an uninterrupted run would.
+The run is built in WORKDIR/pretrain/.NAME.partial (checkpoint.pt, metrics.jsonl); SIGTERM/SIGINT
+save a checkpoint there and exit, `--resume` continues from it. Every step draws its randomness from
+a generator seeded by (seed, step), so a resumed run sees exactly the batches and augmentations an
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -30,33 +31,35 @@ from torch import nn
 
 from relicv2_cli import artifacts, distributed, options
 from relicv2_cli.augment import ViewConfig, make_views
-from relicv2_cli.data import load_dataset
+from relicv2_cli.checkpoint import Checkpoint
+from relicv2_cli.data import Dataset, load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import autocast, encode_images, knn_accuracy
 from relicv2_cli.losses import at_least_fp32, byol_loss, embedding_std, multicrop_loss, relic_loss
-from relicv2_cli.models import ARCHS, STEMS, WIDTHS, build_network, ema_rate, ema_update, make_target
+from relicv2_cli.models import build_network, check_network, ema_rate, ema_update, make_target
 from relicv2_cli.optim import OPTIMIZERS, build_optimizer, lr_at, scaled_lr
+from relicv2_cli.saliency import open_masks
 
 METHODS = ("relicv2", "byol", "supervised")
-PRECISIONS = ("bf16", "fp32", "fp64")  # fp64: exactness checks (tests), slow
-CHECKPOINT = "checkpoint.pt"
+PRECISIONS = (*options.PRECISIONS, "fp64")  # fp64: exactness checks (tests), slow
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
-METRICS = "metrics.jsonl"
 
 # Values the ImageNet preset sets (unless the option is given explicitly on the command line).
-# Sources: method.md sections 3-4 (paper scale; BYOL's released optimiser settings).
+# Sources: docs/pretrain.md (paper scale; BYOL's released optimiser settings).
 PRESETS = {
     "imagenet-1000ep": dict(
         arch="resnet50", stem="imagenet", width=1.0, batch_size=4096, epochs=1000.0, optimizer="lars",
-        lr=0.3, lars_eta=1e-3, weight_decay=1.5e-6, warmup_epochs=10.0, ema_base=0.996, proj_hidden=4096, proj_dim=256,
-        large_size=224, small_size=96, large_crops=2, small_crops=6, blur=True, mask_prob=0.1,
+        lr=0.3, lars_eta=1e-3, weight_decay=1.5e-6, warmup_epochs=10.0, ema_base=0.996, proj_hidden=4096,
+        proj_dim=256, large_size=224, small_size=96, large_crops=2, small_crops=6, blur=True, mask_prob=0.1,
     ),
 }
 
 
 @dataclass
 class PretrainConfig:
+    """Every setting of a run; the defaults of the `pretrain` options (one source of truth)."""
+
     spec: str = "synthetic"
     method: str = "relicv2"
     saliency: str | None = None
@@ -109,6 +112,307 @@ class PretrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class Run:
+    """What `setup` builds: data on the device, networks, optimisers and the step schedule."""
+
+    cfg: PretrainConfig
+    device: torch.device
+    dataset: Dataset
+    images: torch.Tensor  # (N, 3, H, W) uint8, the whole training split, decoded once
+    labels: torch.Tensor
+    masks: torch.Tensor | None  # (N, H, W) saliency masks, with --saliency
+    parents: list[artifacts.Artifact]
+    views: ViewConfig
+    online: nn.Module  # encoder + projector (+ predictor)
+    target: nn.Module | None  # EMA copy of encoder + projector; None for supervised
+    probe: nn.Linear  # online linear probe on detached features
+    optimizer: torch.optim.Optimizer
+    probe_optimizer: torch.optim.Optimizer
+    train_online: nn.Module  # online and probe in DistributedDataParallel on several processes
+    train_probe: nn.Module
+    steps_per_epoch: int
+    total_steps: int  # the schedule's length (lr, EMA)
+    last_step: int  # where this run stops: total_steps or --max-steps
+    warmup_steps: int
+    eval_every: int
+    base_lr: float
+    config: dict  # what the manifest and the checkpoint record
+
+
+@dataclass
+class State:
+    """What changes step to step besides the weights; step and train_s go into the checkpoint."""
+
+    step: int = 0
+    train_s: float = 0.0  # seconds in optimizer steps (evaluation excluded), for --time-budget
+    last_eval: dict = field(default_factory=dict)
+    signal: int = 0  # the signal that stopped the run, 0 if none
+    out_of_time: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) -> Run:
+    """Data, networks, optimisers and schedule; identical on every process."""
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(cfg.seed)
+    dataset = load_dataset(cfg.spec, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
+                           image_size=cfg.image_size, seed=cfg.seed)
+    n_train, height = len(dataset.train.images), dataset.train.images.shape[1]
+    if cfg.batch_size > n_train:
+        raise RelicError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                         f"({n_train} images)")
+    masks, parents = None, []
+    if cfg.saliency:
+        art, train_masks = open_masks(cfg.saliency, dataset, "train")
+        masks, parents = torch.from_numpy(np.ascontiguousarray(train_masks)).to(dev), [art]
+
+    steps_per_epoch = n_train // cfg.batch_size
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    base_lr = scaled_lr(cfg.lr, cfg.batch_size) if cfg.optimizer != "adamw" else cfg.lr
+    online, target, probe = _networks(cfg, dataset.num_classes, dev, ddp)
+    config = {**asdict(cfg), "image_size": height, "steps_per_epoch": steps_per_epoch,
+              "total_steps": total_steps, "warmup_steps": warmup_steps, "base_lr_scaled": base_lr,
+              "feature_dim": online.encoder.feature_dim, "num_classes": dataset.num_classes,
+              "class_names": dataset.class_names}
+    config["extra"] = {**config["extra"], **ddp.record()}  # world size: not compared on --resume
+    return Run(
+        cfg=cfg, device=dev, dataset=dataset, masks=masks, parents=parents,
+        images=torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous().to(dev),
+        labels=torch.from_numpy(dataset.train.labels).to(dev),
+        views=ViewConfig(
+            large_crops=cfg.large_crops, small_crops=cfg.small_crops if cfg.method != "supervised" else 0,
+            large_size=cfg.large_size, small_size=cfg.small_size, large_scale=(cfg.large_scale_min, 1.0),
+            small_scale=tuple(cfg.small_scale), mask_prob=cfg.mask_prob, blur=cfg.blur,
+        ),
+        online=online, target=target, probe=probe,
+        optimizer=build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay, lars_eta=cfg.lars_eta),
+        probe_optimizer=torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0),
+        train_online=ddp.wrap(online), train_probe=ddp.wrap(probe),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr,
+        last_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
+        eval_every=steps_per_epoch if cfg.eval_every is None else cfg.eval_every, config=config,
+    )
+
+
+def _networks(cfg: PretrainConfig, num_classes: int, dev: torch.device, ddp: distributed.DistContext):
+    """(online, target, probe) on `dev`, BatchNorm synchronised over processes."""
+    online = build_network(cfg.arch, cfg.width, cfg.stem, cfg.proj_hidden, cfg.proj_dim,
+                           predictor=cfg.predictor and cfg.method != "supervised").to(dev)
+    if cfg.method == "supervised":
+        online.projector = nn.Linear(online.encoder.feature_dim, num_classes).to(dev)
+    target = make_target(online).to(dev) if cfg.method != "supervised" else None
+    probe = nn.Linear(online.encoder.feature_dim, num_classes).to(dev)
+    if cfg.precision == "fp64":  # every parameter, activation and loss in float64
+        online, probe = online.double(), probe.double()
+        target = target.double() if target is not None else None
+    online, target = ddp.sync_batchnorm(online), ddp.sync_batchnorm(target)  # BN over the global batch
+    if dev.type == "cuda":
+        online = online.to(memory_format=torch.channels_last)
+        target = target.to(memory_format=torch.channels_last) if target is not None else None
+    return online, target, probe
+
+
+# ---------------------------------------------------------------------------------------------------
+# One step
+
+
+def train_step(run: Run, step: int, ddp: distributed.DistContext, partial: Path) -> dict:
+    """Optimizer step `step` (0-based): views -> loss -> backward -> optimiser -> EMA -> probe.
+    Returns what the log needs; `partial` (the staging directory) is named when the loss diverges."""
+    cfg, t0 = run.cfg, time.perf_counter()
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+    batch_idx = _batch_indices(step, run.steps_per_epoch, len(run.labels), cfg.batch_size, cfg.seed)
+    generator, view_idx, rows, keep = ddp.shard(generator, batch_idx.to(run.device))  # this process's share
+    masks = run.masks[view_idx] if run.masks is not None else None
+    views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
+    labels = run.labels[rows]
+    lr = lr_at(step, run.total_steps, run.base_lr, run.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    rate = ema_rate(step, run.total_steps, cfg.ema_base)
+    t_data = time.perf_counter()
+
+    loss, stats, features, embeddings = _loss(cfg, run.train_online, run.target, views, labels, generator,
+                                              run.device, ddp)
+    loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and the NaN check agree
+    if not torch.isfinite(loss_value):
+        raise RelicError(f"loss became {loss_value.item()} at step {step}; stopped. The last good "
+                         "checkpoint is "
+                         f"kept in {partial} (--resume continues from it); try a lower --lr or "
+                         "--precision fp32")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if run.target is not None:
+        ema_update(run.target, run.online, rate)
+    probe_loss, probe_acc = _probe_step(run.train_probe, run.probe_optimizer, features,
+                                        labels.repeat(cfg.large_crops))
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"loss": loss_value, "stats": stats, "lr": lr, "ema_rate": rate, "embeddings": embeddings,
+            "probe_loss": probe_loss, "probe_train_top1": probe_acc, "seconds": seconds,
+            "data_fraction": (t_data - t0) / seconds}
+
+
+def _loss(cfg, online, target, views, labels, generator, dev, ddp=None):
+    """The method's loss for one batch of views: (loss, stats, online large-view features for the
+    probe, embeddings for the collapse monitor). With several processes (`ddp`), RELICv2 draws
+    negatives from the all-gathered global batch: every view's embeddings are gathered once."""
+    L, S = len(views.large), len(views.small)
+    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    large = torch.cat(views.large).to(dtype)
+    if dev.type == "cuda":
+        large = large.contiguous(memory_format=torch.channels_last)
+    with autocast(dev, cfg.precision):
+        features, projection, prediction = online(large)
+        if cfg.method == "supervised":
+            return F.cross_entropy(at_least_fp32(projection), labels.repeat(L)), {}, features, features
+        small_pred = online(torch.cat(views.small).to(dtype))[2] if S else None
+        with torch.no_grad():
+            target_proj = target(large)[1]
+    online_views = list(at_least_fp32(prediction).chunk(L))
+    online_views += list(at_least_fp32(small_pred).chunk(S)) if S else []
+    target_views = list(at_least_fp32(target_proj).chunk(L))
+    if cfg.method != "relicv2":
+        loss, stats = multicrop_loss(lambda o, t: (byol_loss(o, t), {}), online_views[:L], online_views[L:],
+                                     target_views, include_same_view=False)
+        return loss, stats, features, projection
+
+    pools = ddp.gather(online_views + target_views) if ddp is not None else None  # None on one process
+    where = {} if pools is None else {"offset": ddp.rank * len(labels),
+                                      "global_rows": ddp.sampling == "global"}
+    pools = pools or [None] * (len(online_views) + len(target_views))
+
+    def pair(o, t):  # o, t: (embeddings, their global pool or None)
+        return relic_loss(o[0], t[0], cfg.n_negatives, cfg.tau, cfg.alpha, cfg.beta, generator=generator,
+                          target_pool=t[1], online_pool=o[1], **where)
+
+    n = len(online_views)
+    online_pairs = list(zip(online_views, pools[:n], strict=True))
+    target_pairs = list(zip(target_views, pools[n:], strict=True))
+    loss, stats = multicrop_loss(pair, online_pairs[:L], online_pairs[L:], target_pairs,
+                                 include_same_view=True)
+    return loss, stats, features, projection
+
+
+def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The images of optimizer step `step`: a fresh permutation per epoch (seeded by seed and epoch),
+    last partial batch dropped. Pure function of the step, so resume needs no sampler state."""
+    epoch, within = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[within * batch : (within + 1) * batch]
+
+
+def _probe_step(probe, probe_optimizer, features, labels) -> tuple[float, float]:
+    """Online linear probe on detached features (solo-learn/BYOL monitor); never touches the encoder."""
+    logits = probe(at_least_fp32(features.detach()))
+    loss = F.cross_entropy(logits, labels)
+    probe_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    probe_optimizer.step()
+    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext, *, log, progress,
+          task, step_callback=None) -> None:
+    """Steps until the last step, the time budget or a signal (SIGTERM/SIGINT on any process)."""
+    cfg, received = run.cfg, []
+    with options.handle_signals(lambda signum, _frame: received.append(signum)):
+        while state.step < run.last_step and not state.signal and not state.out_of_time:
+            out = train_step(run, state.step, ddp, checkpoint.path.parent)
+            state.step += 1
+            state.train_s += out["seconds"]
+            if step_callback is not None:  # tests: a signal or a crash at a chosen step
+                step_callback(state.step)
+            budget_spent = cfg.time_budget_min is not None and state.train_s >= 60 * cfg.time_budget_min
+            state.signal, state.out_of_time = ddp.stop_vote(received, budget_spent)
+            _after_step(run, state, out, checkpoint, ddp, log=log, progress=progress, task=task)
+
+
+def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, *, log, progress,
+                task) -> None:
+    """The one place that logs, evaluates and checkpoints (a signal's checkpoint comes after the loop)."""
+    cfg, step = run.cfg, state.step
+    final = step == run.last_step or state.out_of_time
+    record = {}
+    if step % cfg.log_every == 0 or final or step == 1:
+        record = {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": out["loss"].item(),
+                  **{k: float(v) for k, v in out["stats"].items()}, "lr": out["lr"],
+                  "ema_rate": out["ema_rate"],
+                  "embedding_std": embedding_std(out["embeddings"]), "probe_loss": out["probe_loss"],
+                  "probe_train_top1": out["probe_train_top1"],
+                  "images_per_s": cfg.batch_size / out["seconds"],
+                  "data_fraction": out["data_fraction"]}
+    if (run.eval_every and step % run.eval_every == 0) or final:
+        state.last_eval = _evaluate(run, progress, ddp.encode(encode_images))
+        record = {"step": step, **record, **state.last_eval}
+    if record:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    if "loss" in record:
+        knn = f" knn {state.last_eval['knn_top1']:.3f}" if state.last_eval else ""
+        progress.update(task, info=f"loss {record['loss']:.3f}{knn}")
+    progress.update(task, completed=step)
+    if step % cfg.checkpoint_every == 0:
+        save_checkpoint(run, state, checkpoint, ddp)
+
+
+def save_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext) -> None:
+    if ddp.is_main:  # rank 0 alone writes; every process holds the same weights
+        checkpoint.save({
+            "step": state.step, "train_s": state.train_s, "online": run.online.state_dict(),
+            "probe": run.probe.state_dict(),
+            "target": run.target.state_dict() if run.target is not None else {},
+            "optimizer": run.optimizer.state_dict(), "probe_optimizer": run.probe_optimizer.state_dict(),
+        })
+
+
+def load_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext) -> None:
+    saved = checkpoint.load(run.device)
+    run.online.load_state_dict(saved["online"])
+    if run.target is not None:
+        run.target.load_state_dict(saved["target"])
+    run.probe.load_state_dict(saved["probe"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.probe_optimizer.load_state_dict(saved["probe_optimizer"])
+    state.step, state.train_s = saved["step"], saved.get("train_s", 0.0)
+    if ddp.is_main:
+        _truncate_metrics(checkpoint.path.parent / artifacts.METRICS, state.step)
+
+
+def _evaluate(run: Run, progress, encode=encode_images) -> dict:
+    """Weighted kNN (train split as memory) and online-probe accuracy on the test split. `encode`:
+    encode_images, or its version sharded over processes (relicv2_cli.distributed)."""
+    cfg, dataset, dev = run.cfg, run.dataset, run.device
+    size = run.config["image_size"]
+    train_f = encode(run.online.encoder, dataset.train.images, image_size=size, device=dev,
+                     precision=cfg.precision, progress=progress)
+    test_f = encode(run.online.encoder, dataset.test.images, image_size=size, device=dev,
+                    precision=cfg.precision, progress=progress)
+    knn = knn_accuracy(train_f, dataset.train.labels, test_f, dataset.test.labels, dataset.num_classes,
+                       cfg.knn_k, cfg.knn_temperature)
+    with torch.no_grad():
+        probe_pred = run.probe(test_f.to(dev, run.probe.weight.dtype)).argmax(1).cpu()
+    probe_acc = (probe_pred == torch.from_numpy(dataset.test.labels)).float().mean().item()
+    return {"knn_top1": knn, "probe_top1": probe_acc}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
 @distributed.entry_point
 def run_pretrain(
     cfg: PretrainConfig,
@@ -124,209 +428,61 @@ def run_pretrain(
     dist_sampling: str = "local",
 ) -> artifacts.Artifact:
     """Train and commit a `pretrain` artifact. `step_callback(step)` runs after every optimizer step
-    (tests use it to send SIGTERM at a chosen step). Under torchrun (RANK/WORLD_SIZE set) the run is
+    (tests use it to send a signal at a chosen step). Under torchrun (RANK/WORLD_SIZE set) the run is
     data-parallel over the processes, cfg.batch_size being the global batch (relicv2_cli.distributed)."""
     _check_config(cfg)
-    dev = options.resolve_device(device)
-    ddp = distributed.setup(dev, dist_timeout, dist_sampling)  # identity context on one process
-    dev = ddp.device
+    # identity on one process
+    ddp = distributed.setup(options.resolve_device(device), dist_timeout, dist_sampling)
     ddp.check_batch(cfg.batch_size)
-    if cfg.precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if cfg.precision == "bf16" and ddp.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RelicError("this GPU does not support bf16; use --precision fp32")
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.manual_seed(cfg.seed)
-
-    dataset = load_dataset(cfg.spec, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
-                           image_size=cfg.image_size, seed=cfg.seed)
-    train = dataset.train
-    n_train, height = len(train.images), train.images.shape[1]
-    if cfg.batch_size > n_train:
-        raise RelicError(f"--batch-size {cfg.batch_size} is larger than the training split ({n_train} images)")
-    parents = []
-    masks = None
-    if cfg.saliency:
-        from relicv2_cli.stages.saliency import load_masks
-
-        masks = torch.from_numpy(np.ascontiguousarray(load_masks(cfg.saliency, dataset, "train"))).to(dev)
-        parents.append(artifacts.load_artifact(cfg.saliency, kind="saliency"))
+    run = setup(cfg, ddp.device, ddp)
     name = name or f"{cfg.method}-{cfg.spec.split(':')[0]}-{cfg.arch}"
-    images = torch.from_numpy(train.images).permute(0, 3, 1, 2).contiguous().to(dev)  # uint8, decoded once
-    labels = torch.from_numpy(train.labels).to(dev)
-
-    steps_per_epoch = n_train // cfg.batch_size
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    eval_every = steps_per_epoch if cfg.eval_every is None else cfg.eval_every
-    base_lr = scaled_lr(cfg.lr, cfg.batch_size) if cfg.optimizer != "adamw" else cfg.lr
-    view_cfg = ViewConfig(
-        large_crops=cfg.large_crops, small_crops=cfg.small_crops if cfg.method != "supervised" else 0,
-        large_size=cfg.large_size, small_size=cfg.small_size, large_scale=(cfg.large_scale_min, 1.0),
-        small_scale=tuple(cfg.small_scale), mask_prob=cfg.mask_prob, blur=cfg.blur,
-    )
-
-    # Networks: online (encoder + projector + predictor), EMA target, online linear probe.
-    online = build_network(cfg.arch, cfg.width, cfg.stem, cfg.proj_hidden, cfg.proj_dim,
-                           predictor=cfg.predictor and cfg.method != "supervised").to(dev)
-    if cfg.method == "supervised":
-        online.projector = nn.Linear(online.encoder.feature_dim, dataset.num_classes).to(dev)
-    target = make_target(online).to(dev) if cfg.method != "supervised" else None
-    probe = nn.Linear(online.encoder.feature_dim, dataset.num_classes).to(dev)
-    if cfg.precision == "fp64":  # every parameter, activation and loss in float64
-        online, probe = online.double(), probe.double()
-        target = target.double() if target is not None else None
-    online, target = ddp.sync_batchnorm(online), ddp.sync_batchnorm(target)  # BN over the global batch
-    if dev.type == "cuda":
-        online, probe = online.to(memory_format=torch.channels_last), probe
-        target = target.to(memory_format=torch.channels_last) if target is not None else None
-    optimizer = build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay, lars_eta=cfg.lars_eta)
-    probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0)
-    train_online, train_probe = ddp.wrap(online), ddp.wrap(probe)  # DistributedDataParallel on several processes
-
-    config = {**asdict(cfg), "image_size": height, "steps_per_epoch": steps_per_epoch,
-              "total_steps": total_steps, "warmup_steps": warmup_steps, "base_lr_scaled": base_lr,
-              "feature_dim": online.encoder.feature_dim, "num_classes": dataset.num_classes,
-              "class_names": dataset.class_names}
-    config["extra"] = {**config["extra"], **ddp.record()}  # world size: not compared on --resume
     # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
     staging, resume = ddp.open_staging(workdir, "pretrain", name, force=force, resume=resume)
     with staging:
-        step, train_s = 0, 0.0  # train_s: seconds in optimizer steps (evaluation excluded), for --time-budget
-        checkpoint_path = staging.dir / CHECKPOINT
+        checkpoint, state = Checkpoint(staging.dir, run.config, RESUMABLE_CHANGES), State()
         if resume:
-            if not checkpoint_path.exists():
-                raise RelicError(f"nothing to resume: no {CHECKPOINT} in {staging.dir}")
-            state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
-            saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-            now = {k: v for k, v in json.loads(json.dumps(artifacts._jsonable(config))).items()
-                   if k not in RESUMABLE_CHANGES}
-            changed = sorted(k for k in now if saved.get(k) != now[k])
-            if changed:
-                raise RelicError(f"--resume with different settings than the interrupted run: {', '.join(changed)}")
-            online.load_state_dict(state["online"])
-            if target is not None:
-                target.load_state_dict(state["target"])
-            probe.load_state_dict(state["probe"])
-            optimizer.load_state_dict(state["optimizer"])
-            probe_optimizer.load_state_dict(state["probe_optimizer"])
-            step, train_s = state["step"], state.get("train_s", 0.0)
-            if ddp.is_main:
-                _truncate_metrics(staging.dir / METRICS, step)
-
-        def save_checkpoint() -> None:
-            if not ddp.is_main:  # rank 0 alone writes; every rank holds the same weights
-                return
-            state = {"step": step, "train_s": train_s, "online": online.state_dict(), "probe": probe.state_dict(),
-                     "target": target.state_dict() if target is not None else {},
-                     "optimizer": optimizer.state_dict(), "probe_optimizer": probe_optimizer.state_dict(),
-                     "config": artifacts._jsonable(config)}
-            tmp = checkpoint_path.with_name(CHECKPOINT + ".tmp")
-            torch.save(state, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, checkpoint_path)  # the previous checkpoint stays whole until this rename
-
-        stop_signal: list[int] = []
-        received = ddp.signal_list(stop_signal)  # merged into stop_signal on every process by ddp.sync_stop
-        handlers = {sig: signal.signal(sig, lambda s, _f: received.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
-        log = open(staging.dir / METRICS if ddp.is_main else os.devnull, "a")
-        last_eval: dict = {}
-        out_of_time = False
+            load_checkpoint(run, state, checkpoint, ddp)
         t_start = time.perf_counter()
-        try:
-            with options.progress_bar(quiet or not ddp.is_main) as progress:
-                task = progress.add_task(f"{cfg.method} {name}", total=last_step, completed=step, info="")
-                while step < last_step and not stop_signal and not out_of_time:
-                    t0 = time.perf_counter()
-                    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-                    batch_idx = _batch_indices(step, steps_per_epoch, n_train, cfg.batch_size, cfg.seed).to(dev)
-                    # Several processes: this rank's share of the batch and, per --dist-sampling, its generator.
-                    generator, view_idx, batch_idx = ddp.split_batch(generator, batch_idx)
-                    batch = images[view_idx]
-                    views = ddp.local_views(make_views(batch, view_cfg, generator, masks[view_idx] if masks is not None else None))
-                    lr = lr_at(step, total_steps, base_lr, warmup_steps)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    rate = ema_rate(step, total_steps, cfg.ema_base)
-                    t_data = time.perf_counter()
-                    loss, stats, features, embeddings = _loss(cfg, train_online, target, views, labels[batch_idx],
-                                                              generator, dev, pool=ddp.pools)
-                    loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and NaN check agree
-                    if not torch.isfinite(loss_value):
-                        raise RelicError(
-                            f"loss became {loss_value.item()} at step {step}; stopped. The last good checkpoint is kept in "
-                            f"{staging.dir} (--resume continues from it); try a lower --lr or --precision fp32"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    if target is not None:
-                        ema_update(target, online, rate)
-                    probe_loss, probe_acc = _probe_step(train_probe, probe_optimizer, features, labels[batch_idx].repeat(cfg.large_crops))
-                    step += 1
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                    t_end = time.perf_counter()
-                    train_s += t_end - t0
-                    # Every process stops at the same step: the budget is read on rank 0's clock.
-                    out_of_time = cfg.time_budget_min is not None and ddp.agree(train_s >= 60 * cfg.time_budget_min)
-                    final = step == last_step or out_of_time
-                    if step % cfg.log_every == 0 or final or step == 1:
-                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value.item(),
-                                  **{k: float(v) for k, v in stats.items()}, "lr": lr, "ema_rate": rate,
-                                  "embedding_std": embedding_std(embeddings), "probe_loss": probe_loss,
-                                  "probe_train_top1": probe_acc, "images_per_s": cfg.batch_size / (t_end - t0),
-                                  "data_fraction": (t_data - t0) / (t_end - t0)}
-                        if eval_every and (step % eval_every == 0) or final:
-                            last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress, ddp.encode(encode_images))
-                            record.update(last_eval)
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                        progress.update(task, info=f"loss {record['loss']:.3f}" + (
-                            f" knn {last_eval['knn_top1']:.3f}" if last_eval else ""))
-                    elif eval_every and step % eval_every == 0:
-                        last_eval = _evaluate(online.encoder, probe, dataset, height, dev, cfg, progress, ddp.encode(encode_images))
-                        log.write(json.dumps({"step": step, **last_eval}) + "\n")
-                        log.flush()
-                    progress.update(task, completed=step)
-                    if step % cfg.checkpoint_every == 0:
-                        save_checkpoint()
-                    if step_callback is not None:
-                        step_callback(step)
-                    ddp.sync_stop(received, stop_signal)  # a signal on any process stops all after this step
-        finally:
-            log.close()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-        save_checkpoint()
+        with open(staging.dir / artifacts.METRICS if ddp.is_main else os.devnull, "a") as log, \
+                options.progress_bar(quiet or not ddp.is_main) as progress:
+            task = progress.add_task(f"{cfg.method} {name}", total=run.last_step, completed=state.step,
+                                     info="")
+            train(run, state, checkpoint, ddp, log=log, progress=progress, task=task,
+                  step_callback=step_callback)
+        save_checkpoint(run, state, checkpoint, ddp)
         ddp.barrier()  # the others wait for rank 0's checkpoint (torchrun stops everyone once one exits)
-        if stop_signal:
-            sig = stop_signal[0]
-            options.console.print(f"stopped by {signal.Signals(sig).name} at step {step}/{last_step}; "
-                                  f"checkpoint saved in {staging.dir}; continue with --resume")
-            raise typer.Exit(128 + sig)
-
+        if state.signal:
+            options.console.print(f"stopped by {signal.Signals(state.signal).name} at step {state.step}/"
+                                  f"{run.last_step}; checkpoint saved in {staging.dir}; continue with "
+                                  "--resume")
+            raise typer.Exit(128 + state.signal)
         if not ddp.is_main:
             return staging.commit()  # waits for rank 0's commit, then opens the artifact it wrote
-        encoder_state = {k: v.detach().cpu().contiguous() for k, v in online.encoder.state_dict().items()}
-        save_file(encoder_state, str(staging.dir / "backbone.safetensors"),
-                  metadata={"arch": cfg.arch, "width": str(cfg.width), "stem": cfg.stem})
-        torch.save(encoder_state, staging.dir / "backbone.pt")
-        metrics = {"steps": step, "epochs": round(step / steps_per_epoch, 3), **last_eval,
-                   "wall_s": round(time.perf_counter() - t_start, 1), "train_s": round(train_s, 1),
-                   "stopped_by": "time_budget" if out_of_time else "steps"}
-        final = _last_record(staging.dir / METRICS)
-        metrics.update({k: final[k] for k in ("loss", "contrastive", "kl", "embedding_std", "images_per_s") if k in final})
-        return staging.commit(config=config, parents=parents, dataset=dataset.record(), metrics=metrics)
+        return _commit(run, state, staging, t_start)
+
+
+def _commit(run: Run, state: State, staging, t_start: float) -> artifacts.Artifact:
+    """Export the encoder (safetensors and torch) and commit the artifact with its metrics."""
+    cfg = run.cfg
+    encoder_state = {k: v.detach().cpu().contiguous() for k, v in run.online.encoder.state_dict().items()}
+    save_file(encoder_state, str(staging.dir / "backbone.safetensors"),
+              metadata={"arch": cfg.arch, "width": str(cfg.width), "stem": cfg.stem})
+    torch.save(encoder_state, staging.dir / "backbone.pt")
+    metrics = {"steps": state.step, "epochs": round(state.step / run.steps_per_epoch, 3), **state.last_eval,
+               "wall_s": round(time.perf_counter() - t_start, 1), "train_s": round(state.train_s, 1),
+               "stopped_by": "time_budget" if state.out_of_time else "steps"}
+    final = _last_record(staging.dir / artifacts.METRICS)
+    metrics.update({k: final[k] for k in ("loss", "contrastive", "kl", "embedding_std", "images_per_s")
+                    if k in final})
+    return staging.commit(config=run.config, parents=run.parents, dataset=run.dataset.record(),
+                          metrics=metrics)
 
 
 def _check_config(cfg: PretrainConfig) -> None:
     options.check_choice("--method", cfg.method, METHODS)
-    options.check_choice("--arch", cfg.arch, ARCHS)
-    options.check_choice("--width", float(cfg.width), WIDTHS)
-    options.check_choice("--stem", cfg.stem, STEMS)
+    check_network(cfg.arch, cfg.width, cfg.stem)
     options.check_choice("--optimizer", cfg.optimizer, OPTIMIZERS)
     options.check_choice("--precision", cfg.precision, PRECISIONS)
     if cfg.large_crops < 1 or cfg.small_crops < 0:
@@ -347,76 +503,12 @@ def _check_config(cfg: PretrainConfig) -> None:
         raise RelicError(f"--time-budget must be positive, got {cfg.time_budget_min}")
 
 
-def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """The images of optimizer step `step`: a fresh permutation per epoch (seeded by seed and epoch),
-    last partial batch dropped. Pure function of the step, so resume needs no sampler state."""
-    epoch, within = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return perm[within * batch : (within + 1) * batch]
-
-
-def _loss(cfg, online, target, views, labels, generator, dev, pool=None):
-    """The method's loss for one batch of views; returns (loss, stats, online large-view features
-    for the probe, embeddings for the collapse monitor). `pool(online, target)`: extra relic_loss
-    arguments drawing negatives from the all-gathered global batch (several processes)."""
-    L, S = len(views.large), len(views.small)
-    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-    large = torch.cat(views.large).to(dtype)
-    if dev.type == "cuda":
-        large = large.contiguous(memory_format=torch.channels_last)
-    with autocast(dev, cfg.precision):
-        features, projection, prediction = online(large)
-        if cfg.method == "supervised":
-            loss = F.cross_entropy(at_least_fp32(projection), labels.repeat(L))
-            return loss, {}, features, features
-        small_pred = online(torch.cat(views.small).to(dtype))[2] if S else None
-        with torch.no_grad():
-            target_proj = target(large)[1]
-    online_large = list(at_least_fp32(prediction).chunk(L))
-    online_small = list(at_least_fp32(small_pred).chunk(S)) if S else []
-    target_large = list(at_least_fp32(target_proj).chunk(L))
-    if cfg.method == "relicv2":
-        def pair(o, t):
-            return relic_loss(o, t, cfg.n_negatives, cfg.tau, cfg.alpha, cfg.beta, generator=generator,
-                              **(pool(o, t) if pool is not None else {}))
-
-        loss, stats = multicrop_loss(pair, online_large, online_small, target_large, include_same_view=True)
-    else:
-        loss, stats = multicrop_loss(lambda o, t: (byol_loss(o, t), {}), online_large, online_small,
-                                     target_large, include_same_view=False)
-    return loss, stats, features, projection
-
-
-def _probe_step(probe, probe_optimizer, features, labels) -> tuple[float, float]:
-    """Online linear probe on detached features (solo-learn/BYOL monitor); never touches the encoder."""
-    logits = probe(at_least_fp32(features.detach()))
-    loss = F.cross_entropy(logits, labels)
-    probe_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    probe_optimizer.step()
-    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
-
-
-def _evaluate(encoder, probe, dataset, image_size, dev, cfg, progress, encode=encode_images) -> dict:
-    """Weighted kNN (train split as memory) and online-probe accuracy on the test split. `encode`:
-    encode_images, or its version sharded over processes (relicv2_cli.distributed)."""
-    train_f = encode(encoder, dataset.train.images, image_size=image_size, device=dev,
-                     precision=cfg.precision, progress=progress)
-    test_f = encode(encoder, dataset.test.images, image_size=image_size, device=dev,
-                    precision=cfg.precision, progress=progress)
-    knn = knn_accuracy(train_f, dataset.train.labels, test_f, dataset.test.labels, dataset.num_classes,
-                       cfg.knn_k, cfg.knn_temperature)
-    with torch.no_grad():
-        probe_pred = probe(test_f.to(dev, probe.weight.dtype)).argmax(1).cpu()
-    probe_acc = (probe_pred == torch.from_numpy(dataset.test.labels)).float().mean().item()
-    return {"knn_top1": knn, "probe_top1": probe_acc}
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log has no duplicates."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
     artifacts.atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
@@ -426,82 +518,106 @@ def _last_record(path: Path) -> dict:
     return full[-1] if full else {}
 
 
+# ---------------------------------------------------------------------------------------------------
+# The command: defaults from PretrainConfig; why each default is what it is: docs/pretrain.md.
+
+D = PretrainConfig()
+
+
+def _opt(help: str, *flags: str):
+    return typer.Option(*flags, help=help)
+
+
 def command(
     ctx: typer.Context,
-    spec: options.Spec = "synthetic",
-    method: Annotated[str, typer.Option(help="relicv2 (the paper), byol (normalised MSE, same views and EMA) or supervised (cross-entropy baseline).")] = "relicv2",
-    saliency: Annotated[Path | None, typer.Option(help="Saliency artifact: remove the background of large crops with probability --mask-prob.")] = None,
-    preset: Annotated[str | None, typer.Option(help="imagenet-1000ep: the paper's ImageNet settings (ResNet-50, batch 4096, 1000 epochs, LARS lr 0.3, wd 1.5e-6, EMA 0.996, 224/96 px crops); explicit options still win.")] = None,
-    arch: options.Arch = "resnet18",
-    width: options.Width = 1.0,
-    stem: options.Stem = "cifar",
-    proj_hidden: Annotated[int, typer.Option(help="Projector/predictor hidden size (byol: 4096).")] = 4096,
-    proj_dim: Annotated[int, typer.Option(help="Projector/predictor output size (byol: 256).")] = 256,
-    predictor: Annotated[bool, typer.Option(help="Use a predictor on the online side (choice, BYOL-style).")] = True,
-    large_crops: Annotated[int, typer.Option(help="L, large crops per image (online and target) (choice).")] = 2,
-    small_crops: Annotated[int, typer.Option(help="S, small crops per image (online only, never masked) (choice).")] = 2,
-    large_size: Annotated[int, typer.Option(help="Side of large crops in pixels (paper: 224) (choice for CIFAR: 32).")] = 32,
-    small_size: Annotated[int, typer.Option(help="Side of small crops in pixels (paper: 96) (choice for CIFAR: 16).")] = 16,
-    large_scale_min: Annotated[float, typer.Option(help="Smallest area fraction of a large crop (byol: 0.08).")] = 0.08,
-    small_scale_min: Annotated[float, typer.Option(help="Smallest area fraction of a small crop (choice).")] = 0.05,
-    small_scale_max: Annotated[float, typer.Option(help="Largest area fraction of a small crop (choice).")] = 0.14,
-    mask_prob: Annotated[float, typer.Option(help="p_m, probability that a large crop comes from the background-removed image (choice, paper ~0.1).")] = 0.1,
-    blur: Annotated[bool, typer.Option(help="Gaussian blur in the views (off by default: at 32 px it destroys the image) (byol: on at 224 px).")] = False,
-    n_negatives: Annotated[int, typer.Option(help="n_e, random negatives per anchor (choice).")] = 10,
-    tau: Annotated[float, typer.Option(help="Temperature of the similarity softmax (choice).")] = 0.2,
-    alpha: Annotated[float, typer.Option(help="Weight of the contrastive term (choice).")] = 1.0,
-    beta: Annotated[float, typer.Option(help="Weight of the KL invariance term (choice).")] = 1.0,
-    optimizer: Annotated[str, typer.Option(help="lars, sgd or adamw (byol: lars).")] = "lars",
-    batch_size: options.BatchSize = 256,
-    epochs: options.Epochs = 100.0,
-    max_steps: options.MaxSteps = None,
-    time_budget: Annotated[float | None, typer.Option(help="Stop after this many minutes spent in training steps (evaluation and checkpoints excluded), as --max-steps does; the schedule still spans --epochs, so choose --epochs to fit the budget.")] = None,
-    lr: Annotated[float, typer.Option(help="Base learning rate; lars/sgd use lr * batch / 256, adamw uses it as is (choice for CIFAR: 1.0; paper 0.2-0.3).")] = 1.0,
-    lars_eta: Annotated[float, typer.Option(help="LARS trust coefficient (choice for small data: 0.02, as solo-learn's CIFAR recipes; byol/paper: 1e-3).")] = 0.02,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (not on biases and norm parameters) (choice for CIFAR: 1e-5; paper 1.5e-6).")] = 1e-5,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up epochs before the cosine decay (byol: 10).")] = 10.0,
-    ema_base: Annotated[float, typer.Option(help="gamma_base of the target EMA, rises to 1 by a cosine (0.99 short runs; paper 0.996).")] = 0.99,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast), fp32, or fp64 (everything in float64: slow; for exactness checks such as the multi-process tests).")] = "bf16",
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="Deterministic kernels (a resumed run then ends with the same weights).")] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Save a resumable checkpoint every N steps (also at the end and on SIGTERM/SIGINT).")] = 500,
-    eval_every: Annotated[int | None, typer.Option(help="kNN + probe accuracy on the test split every N steps (default: once per epoch; 0: only at the end).")] = None,
-    log_every: Annotated[int, typer.Option(help="Write a metrics.jsonl line every N steps.")] = 10,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same --name from its checkpoint (under torchrun: start afresh when there is none yet, so --max-restarts can repeat the command).")] = False,
-    dist_timeout: Annotated[float, typer.Option(help="torchrun runs: seconds a process waits for the others in a collective before failing with an error (a dead or hung peer) (choice).")] = distributed.DEFAULT_TIMEOUT_S,
-    dist_sampling: Annotated[str, typer.Option(help="torchrun runs: local (each process draws the views and negatives of its own share from a (seed, step, rank) generator) or global (every process draws those of the global batch and keeps its share: same result as one process, costs the augmentation of the global batch on each) (choice).")] = "local",
-    limit_train: options.LimitTrain = None,
-    limit_test: options.LimitTest = None,
-    image_size: options.ImageSize = None,
+    spec: options.Spec = D.spec,
+    method: Annotated[str, _opt("relicv2, byol or supervised.")] = D.method,
+    saliency: Annotated[Path | None, _opt("Saliency artifact: remove the background of large crops.")] = None,
+    preset: Annotated[str | None,
+                      _opt("imagenet-1000ep: the paper's ImageNet settings; explicit options win.")] = None,
+    arch: options.Arch = D.arch,
+    width: options.Width = D.width,
+    stem: options.Stem = D.stem,
+    proj_hidden: Annotated[int, _opt("Projector/predictor hidden size.")] = D.proj_hidden,
+    proj_dim: Annotated[int, _opt("Projector/predictor output size.")] = D.proj_dim,
+    predictor: Annotated[bool, _opt("Use a predictor on the online side.")] = D.predictor,
+    large_crops: Annotated[int, _opt("L, large crops per image (online and target).")] = D.large_crops,
+    small_crops: Annotated[int,
+                           _opt("S, small crops per image (online only, never masked).")] = D.small_crops,
+    large_size: Annotated[int, _opt("Side of large crops in pixels.")] = D.large_size,
+    small_size: Annotated[int, _opt("Side of small crops in pixels.")] = D.small_size,
+    large_scale_min: Annotated[float, _opt("Smallest area fraction of a large crop.")] = D.large_scale_min,
+    small_scale_min: Annotated[float, _opt("Smallest area fraction of a small crop.")] = D.small_scale[0],
+    small_scale_max: Annotated[float, _opt("Largest area fraction of a small crop.")] = D.small_scale[1],
+    mask_prob: Annotated[float,
+                         _opt("p_m, probability that a large crop is background-removed.")] = D.mask_prob,
+    blur: Annotated[bool, _opt("Gaussian blur in the views.")] = D.blur,
+    n_negatives: Annotated[int, _opt("n_e, random negatives per anchor.")] = D.n_negatives,
+    tau: Annotated[float, _opt("Temperature of the similarity softmax.")] = D.tau,
+    alpha: Annotated[float, _opt("Weight of the contrastive term.")] = D.alpha,
+    beta: Annotated[float, _opt("Weight of the KL invariance term.")] = D.beta,
+    optimizer: Annotated[str, _opt("lars, sgd or adamw.")] = D.optimizer,
+    batch_size: options.BatchSize = D.batch_size,
+    epochs: options.Epochs = D.epochs,
+    max_steps: options.MaxSteps = D.max_steps,
+    time_budget: Annotated[float | None,
+                           _opt("Stop after this many minutes of training steps.")] = D.time_budget_min,
+    lr: Annotated[float, _opt("Base learning rate (lars/sgd: times batch / 256).")] = D.lr,
+    lars_eta: Annotated[float, _opt("LARS trust coefficient.")] = D.lars_eta,
+    weight_decay: Annotated[float,
+                            _opt("Weight decay (not on biases and norm parameters).")] = D.weight_decay,
+    warmup_epochs: Annotated[float, _opt("Linear warm-up epochs before the cosine decay.")] = D.warmup_epochs,
+    ema_base: Annotated[float, _opt("Target EMA rate at step 0, rising to 1 by a cosine.")] = D.ema_base,
+    precision: Annotated[str, _opt("bf16 (autocast), fp32, or fp64 (float64 everywhere: slow; for exactness "
+                                   "checks).")] = D.precision,
+    deterministic: Annotated[bool, _opt("Deterministic kernels.", "--deterministic")] = D.deterministic,
+    checkpoint_every: Annotated[int, _opt("Save a resumable checkpoint every N steps.")] = D.checkpoint_every,
+    eval_every: Annotated[int | None, _opt("kNN + probe test accuracy every N steps (default: each "
+                                           "epoch; 0: at the end).")] = D.eval_every,
+    log_every: Annotated[int, _opt("Write a metrics.jsonl line every N steps.")] = D.log_every,
+    resume: Annotated[bool, _opt("Continue an interrupted run of the same --name.", "--resume")] = False,
+    dist_timeout: Annotated[float, _opt("torchrun: seconds to wait for the other processes in a "
+                                        "collective.")] = distributed.DEFAULT_TIMEOUT_S,
+    dist_sampling: Annotated[str,
+                             _opt("torchrun: local or global drawing of views and negatives.")] = "local",
+    limit_train: options.LimitTrain = D.limit_train,
+    limit_test: options.LimitTest = D.limit_test,
+    image_size: options.ImageSize = D.image_size,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
-    seed: options.Seed = 0,
+    seed: options.Seed = D.seed,
     device: options.Device = "auto",
     force: options.Force = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Pre-train a ResNet with RELICv2 (or BYOL / supervised) and write a `pretrain` artifact."""
-    values = dict(locals())
+    _run_command(ctx, dict(locals()))
+
+
+def _run_command(ctx: typer.Context, values: dict) -> None:
+    """The command's options -> PretrainConfig (the preset filling options left at their default)
+    -> run_pretrain -> a one-line summary and the artifact path."""
+    preset = values.pop("preset")
     if preset is not None:
         if preset not in PRESETS:
             raise RelicError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}")
         for key, value in PRESETS[preset].items():
             if ctx.get_parameter_source(key).name == "DEFAULT":  # explicit options win over the preset
                 values[key] = value
+    values.pop("ctx")
     values["time_budget_min"] = values.pop("time_budget")
     values["small_scale"] = (values.pop("small_scale_min"), values.pop("small_scale_max"))
-    values["saliency"] = str(saliency) if saliency else None
+    values["saliency"] = str(values["saliency"]) if values["saliency"] else None
     run_options = {k: values.pop(k) for k in ("workdir", "name", "device", "force", "resume", "quiet",
                                               "dist_timeout", "dist_sampling")}
-    for key in ("ctx", "preset"):
-        values.pop(key)
     cfg = PretrainConfig(**values, extra={"preset": preset})
     art = run_pretrain(cfg, **run_options)
     if not distributed.is_main_process():  # torchrun: rank 0 prints the summary and the path
         return
-    if not quiet:
-        metrics = art.metrics
-        options.console.print(
-            f"{cfg.method}: {metrics['steps']} steps, loss {metrics.get('loss', float('nan')):.4f}, "
-            f"kNN top-1 {metrics.get('knn_top1', float('nan')):.3f}, probe top-1 {metrics.get('probe_top1', float('nan')):.3f}"
-        )
+    if not run_options["quiet"]:
+        m = art.metrics
+        options.console.print(f"{cfg.method}: {m['steps']} steps, loss {m.get('loss', float('nan')):.4f}, "
+                              "kNN top-1 "
+                              f"{m.get('knn_top1', float('nan')):.3f}, probe top-1 "
+                              f"{m.get('probe_top1', float('nan')):.3f}")
     options.finish(art.path)

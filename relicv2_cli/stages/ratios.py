@@ -38,16 +38,7 @@ import typer
 from rich.table import Table
 
 from relicv2_cli import options
-from relicv2_cli.artifacts import Artifact, Staging
-from relicv2_cli.errors import RelicError
-from relicv2_cli.stages.linear import ArchOpt, PrecisionOpt, StemOpt, WidthOpt
-from relicv2_cli.stages.neighbors import (
-    BatchSizeOpt,
-    ForceOpt,
-    ItemsArg,
-    NameOpt,
-    NormalizeOpt,
-    SeedOpt,
+from relicv2_cli.analysis import (
     check_common,
     encoder_features,
     l2_normalize,
@@ -55,6 +46,8 @@ from relicv2_cli.stages.neighbors import (
     prepare_inputs,
     unique_parents,
 )
+from relicv2_cli.artifacts import Artifact, Staging
+from relicv2_cli.errors import RelicError
 
 NUMBERS_FILE = "ratios.h5"
 FIGURE_STEM = "ratios"
@@ -65,7 +58,8 @@ FIGURE_STEM = "ratios"
 
 
 def class_distance_sums(
-    features, labels, num_classes: int, *, chunk: int = 1024, device: str | torch.device = "cpu", progress=None,
+    features, labels, num_classes: int, *, chunk: int = 1024, device: str | torch.device = "cpu",
+    progress=None,
 ) -> np.ndarray:
     """S (N, C) float64: S[i, c] = sum of d(i, j) over the images j of class c (d(i, i) counted as 0).
 
@@ -150,7 +144,8 @@ def summarize(values) -> dict:
     """mean, median, min, max over the finite values; counts of finite, undefined (NaN) and +inf."""
     values = np.asarray(values, np.float64)
     finite = values[np.isfinite(values)]
-    stats = {"count": int(len(finite)), "undefined": int(np.isnan(values).sum()), "infinite": int(np.isinf(values).sum())}
+    stats = {"count": int(len(finite)), "undefined": int(np.isnan(values).sum()),
+             "infinite": int(np.isinf(values).sum())}
     if len(finite):
         stats.update(mean=float(finite.mean()), median=float(np.median(finite)), min=float(finite.min()),
                      max=float(finite.max()))
@@ -183,7 +178,8 @@ def run_ratios(
     if distance_batch < 1:
         raise RelicError(f"--distance-batch must be at least 1, got {distance_batch}")
     workdir = Path(workdir)
-    prep = prepare_inputs(items, kind="ratios", name=name, workdir=workdir, force=force, arch=arch, width=width,
+    prep = prepare_inputs(items, kind="ratios", name=name, workdir=workdir, force=force, arch=arch,
+                          width=width,
                           stem=stem, seed=seed, limit_train=limit_train, limit_test=limit_test,
                           image_size=image_size, device=device)
     dataset, names = prep.dataset, prep.dataset.class_names
@@ -223,7 +219,8 @@ def run_ratios(
     metrics = {"best_encoder": best, "best_median": per_encoder[best]["ratio_median"] if best else None,
                "normalize": normalize, "classes": len(present), "images": int(len(labels)),
                "encoders": per_encoder, "seconds": round(seconds, 2)}
-    config = {"encoders": [e.record for e in prep.encoders], "encoder_labels": [e.label for e in prep.encoders],
+    config = {"encoders": [e.record for e in prep.encoders],
+              "encoder_labels": [e.label for e in prep.encoders],
               "spec": prep.spec, "split": "test", "normalize": normalize,
               "distance": "L2 on L2-normalised features" if normalize else "L2 on raw features",
               "ratio": "mean inter-class distance / mean intra-class distance (self pairs excluded)",
@@ -247,7 +244,8 @@ def run_ratios(
         series = [{"label": encoder.label, "per_class": r.per_class, "per_sample": r.per_sample,
                    "counts": r.counts, "feature_dim": dim} for encoder, r, dim in results]
         figure = ratios_figure(series, class_names=names, normalize=normalize,
-                               title=f"Linear discriminant ratio on {prep.spec} (test split, {len(labels):,} images)")
+                               title=f"Linear discriminant ratio on {prep.spec} (test split, "
+                                     f"{len(labels):,} images)")
         save_figure(figure, staging.dir, FIGURE_STEM)
         art = staging.commit(config=config, parents=unique_parents(parents), dataset=dataset.record(),
                              metrics=metrics)
@@ -278,27 +276,31 @@ def ratios_table(per_encoder: dict, title: str, normalize: bool) -> Table:
 
 
 def command(
-    items: ItemsArg,
-    normalize: NormalizeOpt = True,
-    distance_batch: Annotated[int, typer.Option(help="Rows of the distance matrix computed at a time: memory ~ 3 x 8 bytes x rows x test images.")] = 1024,
-    arch: ArchOpt = "resnet18",
-    width: WidthOpt = 1.0,
-    stem: StemOpt = "cifar",
-    batch_size: BatchSizeOpt = 256,
-    precision: PrecisionOpt = "bf16",
+    items: options.Items,
+    normalize: options.Normalize = True,
+    distance_batch: Annotated[int, typer.Option(
+        help="Rows of the distance matrix computed at a time (memory: 24 bytes x rows x test).")] = 1024,
+    arch: options.Arch = "resnet18",
+    width: options.Width = 1.0,
+    stem: options.Stem = "cifar",
+    batch_size: options.EmbedBatch = 256,
+    precision: options.Precision = "bf16",
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
-    name: NameOpt = None,
-    seed: SeedOpt = 0,
+    name: options.Name = None,
+    seed: options.Seed = 0,
     device: options.Device = "auto",
-    force: ForceOpt = False,
+    force: options.Force = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Linear discriminant ratio per class and per image (inter / intra L2 distance), encoders on one figure."""
-    art = run_ratios(items, normalize=normalize, distance_batch=distance_batch, arch=arch, width=width, stem=stem,
-                     batch_size=batch_size, precision=precision, limit_train=limit_train, limit_test=limit_test,
+    """Linear discriminant ratio per class and per image (inter / intra L2 distance), encoders on one
+    figure."""
+    art = run_ratios(items, normalize=normalize, distance_batch=distance_batch, arch=arch, width=width,
+                     stem=stem,
+                     batch_size=batch_size, precision=precision, limit_train=limit_train,
+                     limit_test=limit_test,
                      image_size=image_size, workdir=workdir, name=name, seed=seed, device=device, force=force,
                      quiet=quiet)
     options.finish(art.path)

@@ -11,8 +11,8 @@ Output: WORKDIR/saliency/NAME with
 - manifest metrics: images/s and, when the dataset has ground-truth masks (synthetic), mean IoU
   and F-measure (beta^2 = 0.3) of every method and of the centre prior on the same images.
 
-`load_masks(path, dataset, split)` is what `pretrain --saliency` calls: it refuses masks made for
-a different dataset (fingerprint or count mismatch).
+`relicv2_cli.saliency.load_masks(path, dataset, split)` reads them back (`pretrain --saliency`):
+it refuses masks made for a different dataset (fingerprint or count mismatch).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -39,61 +38,9 @@ from relicv2_cli.errors import RelicError
 
 DEFAULT_METHOD = "bc+grabcut"
 SPLIT_CHOICES = ("train", "test", "all")
-H5_NAME = "masks.h5"
-H5_FORMAT = "relicv2-saliency"
 PREVIEW_NAME = "preview.png"
 IMPORT_METHOD = "import"
 MASK_SUFFIXES = (".png",)
-
-
-# ----------------------------------------------------------------------------------------------
-# Public API for other stages.
-
-
-def open_masks(path: str | Path, dataset: Dataset, split: str = "train") -> tuple[artifacts.Artifact, np.ndarray]:
-    """Load the binary masks of `split` from a saliency artifact, checked against `dataset`.
-
-    Returns the artifact (for the caller's parents list) and masks (N, H, W) uint8 in {0, 1}
-    aligned with `dataset.split(split).images`. Raises RelicError when the artifact holds no such
-    split or its count, fingerprint or image size differ from the dataset's."""
-    art = artifacts.load_artifact(path, kind="saliency")
-    target = dataset.split(split)
-    h5_path = art.file(H5_NAME)
-    try:
-        with h5py.File(h5_path, "r") as f:
-            if split not in f:
-                have = ", ".join(k for k in f if isinstance(f[k], h5py.Group)) or "none"
-                raise RelicError(f"saliency artifact {art.path} has no masks for the {split} split "
-                                 f"(it has: {have}); rerun `relicv2 saliency` with --split {split} or all")
-            group = f[split]
-            count, fingerprint = int(group.attrs["count"]), str(group.attrs["fingerprint"])
-            made_for = _describe(art.manifest.get("dataset") or {})
-            here = _describe({"spec": dataset.spec, **dataset.options})
-            if count != len(target):
-                raise RelicError(f"saliency masks were made for a different dataset: {split} count {count:,} != "
-                                 f"{len(target):,} (masks: {made_for}; data: {here})")
-            if fingerprint != target.fingerprint:
-                raise RelicError(f"saliency masks were made for a different dataset: {split} fingerprint "
-                                 f"{fingerprint[:12]}… != {target.fingerprint[:12]}… (masks: {made_for}; data: {here})")
-            if not bool(np.all(group["done"][()])):
-                raise RelicError(f"{h5_path}: the {split} masks are incomplete")
-            masks = group["mask"][()]
-    except OSError as e:
-        raise RelicError(f"unreadable saliency file {h5_path}: {e}") from None
-    if masks.shape != target.images.shape[:3]:
-        raise RelicError(f"saliency masks are {masks.shape[1]}x{masks.shape[2]} but the {split} images are "
-                         f"{target.images.shape[1]}x{target.images.shape[2]}")
-    return art, masks
-
-
-def load_masks(path: str | Path, dataset: Dataset, split: str = "train") -> np.ndarray:
-    """Masks (N, H, W) uint8 {0, 1} of `split`, refused when made for a different dataset."""
-    return open_masks(path, dataset, split)[1]
-
-
-def _describe(record: dict) -> str:
-    extras = [f"{k}={record[k]}" for k in ("limit_train", "limit_test", "image_size", "seed") if record.get(k) is not None]
-    return " ".join([str(record.get("spec", "?")), *extras])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,21 +93,9 @@ class _Runner:
             yield from self.pool.imap_unordered(_work, tasks)
 
 
-@contextmanager
-def _sigterm_as_interrupt():
+def _raise_interrupt(signum, frame):
     """SIGTERM stops the run like Ctrl-C: the h5 file is closed and the partial kept for --resume."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,11 +234,12 @@ def _open_h5(path: Path, resume: bool, header: dict, split_info: dict, shapes: d
             f.close()
             diff = sorted(k for k in set(found) | set(header) if found.get(k) != header.get(k))
             raise RelicError(f"cannot resume: the interrupted run differs in {', '.join(diff) or 'format'} "
-                             f"(e.g. {diff[0] if diff else 'header'}: {found.get(diff[0]) if diff else '?'!r} "
+                             f"(e.g. {diff[0] if diff else 'header'}: "
+                             f"{found.get(diff[0]) if diff else '?'!r} "
                              f"now {header.get(diff[0]) if diff else '?'!r}); pass --force to restart")
         return f
     f = h5py.File(path, "w")
-    f.attrs["format"] = H5_FORMAT
+    f.attrs["format"] = sal.H5_FORMAT
     f.attrs["header"] = json.dumps(header, sort_keys=True)
     f.attrs["method"] = header["method"]
     f.attrs["params"] = json.dumps(header["params"], sort_keys=True)
@@ -370,9 +306,10 @@ def run(
 
     first = dataset.split(splits[0]).images
     chunk = chunk_size or _auto_chunk(*first.shape[:3])
-    split_info = {s: {"count": len(dataset.split(s)), "fingerprint": dataset.split(s).fingerprint} for s in splits}
+    split_info = {s: {"count": len(dataset.split(s)),
+                      "fingerprint": dataset.split(s).fingerprint} for s in splits}
     params = _method_params(used_method)
-    header = {"format": H5_FORMAT, "spec": spec, "method": used_method, "params": params,
+    header = {"format": sal.H5_FORMAT, "spec": spec, "method": used_method, "params": params,
               "splits": split_info, "chunk_size": chunk, "seed": seed,
               "from_dir": str(from_dir) if from_dir is not None else None}
     config = {
@@ -385,8 +322,8 @@ def run(
     shapes = {s: dataset.split(s).images.shape[:3] for s in splits}
 
     staging = artifacts.Staging(Path(workdir), "saliency", name, force=force, resume=resume, resumable=True)
-    with staging, _sigterm_as_interrupt(), _Runner(workers) as runner:
-        h5_path = staging.dir / H5_NAME
+    with staging, options.handle_signals(_raise_interrupt, (signal.SIGTERM,)), _Runner(workers) as runner:
+        h5_path = staging.dir / sal.H5_NAME
         done_before = 0
         start = time.perf_counter()
         processed = 0
@@ -514,7 +451,8 @@ def _print_quality(quality: dict, used_method: str, metrics: dict) -> None:
             table.add_row(label, f"{r['iou']:.3f}", f"{r['f_beta']:.3f}")
         options.console.print(table)
     if metrics.get("images_per_s"):
-        options.console.print(f"{metrics['images_this_run']:,} images at {metrics['images_per_s']:.0f} images/s")
+        options.console.print(f"{metrics['images_this_run']:,} images at {metrics['images_per_s']:.0f} "
+                              "images/s")
 
 
 def write_preview(path: Path, images: np.ndarray, saliency: np.ndarray, masks: np.ndarray, *, title: str,
@@ -557,22 +495,32 @@ def write_preview(path: Path, images: np.ndarray, saliency: np.ndarray, masks: n
 
 def command(
     spec: options.Spec,
-    method: Annotated[str, typer.Option(help=f"Saliency method: {', '.join(sal.METHODS)} (default {DEFAULT_METHOD}: best measured; see docs/saliency.md).")] = DEFAULT_METHOD,
-    split: Annotated[str, typer.Option(help="Split(s) to compute masks for: train, test or all (default train: masks are used for pretraining).")] = "train",
-    from_dir: Annotated[Path | None, typer.Option(help="Import masks made elsewhere: a folder of PNGs keyed by file name (imagefolder) or index (default: compute them).")] = None,
+    method: Annotated[str, typer.Option(
+        help=f"Saliency method: {', '.join(sal.METHODS)} (default {DEFAULT_METHOD}: best measured; see "
+             "docs/saliency.md).")] = DEFAULT_METHOD,
+    split: Annotated[str, typer.Option(help="Split(s) to compute masks for: train, test or all.")] = "train",
+    from_dir: Annotated[Path | None, typer.Option(
+        help="Import masks made elsewhere: a folder of PNGs keyed by file name (imagefolder) or index "
+             "(default: compute them).")] = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
-    name: Annotated[str | None, typer.Option(help="Artifact name (default: the spec kind, e.g. synthetic or cifar10, plus the method when not the default).")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Artifact name (default: the spec kind, e.g. synthetic or cifar10, plus the method when not "
+             "the default).")] = None,
     seed: options.Seed = 0,
     force: options.Force = False,
     quiet: options.Quiet = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: only chunks not yet written are computed (default off).")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue an interrupted run: only chunks not yet written are computed.")] = False,
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
-    chunk_size: Annotated[int | None, typer.Option(help="Images per chunk, the unit of work and of --resume (default: up to 512 at 32 px, fewer for large images or small splits).")] = None,
-    quality_n: Annotated[int, typer.Option(help="With ground-truth masks (synthetic): score every method on the first N images (default 500; 0 scores only this run's masks).")] = 500,
+    chunk_size: Annotated[int | None, typer.Option(
+        help="Images per chunk, the unit of work and of --resume (default: up to 512 at 32 px, fewer for "
+             "large images or small splits).")] = None,
+    quality_n: Annotated[int, typer.Option(
+        help="With ground-truth masks (synthetic): score every method on the first N images.")] = 500,
 ) -> None:
     """Precompute background-removal masks (unsupervised saliency) for SPEC, or import them (--from-dir)."""
     art = run(spec, method=method, split=split, from_dir=from_dir, workdir=workdir, name=name, seed=seed,

@@ -18,21 +18,17 @@ Reported: top-1/top-5 on the full test split, centre view, BN in eval mode.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 import typer
 from safetensors.torch import save_file
-from torch import nn
 
 from relicv2_cli import options
+from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging, load_artifact
 from relicv2_cli.data import Dataset, load_dataset
 from relicv2_cli.data.subsets import (
@@ -44,107 +40,15 @@ from relicv2_cli.data.subsets import (
 )
 from relicv2_cli.encoders import Encoder, load_encoder
 from relicv2_cli.errors import RelicError
-from relicv2_cli.knn import autocast
-from relicv2_cli.optim import lr_at, scaled_lr
-from relicv2_cli.stages.features import PRECISIONS, crop_flip, embed, epoch_batches, view_size
-from relicv2_cli.stages.linear import (
-    ArchOpt,
-    EncoderArg,
-    PrecisionOpt,
-    StemOpt,
-    WidthOpt,
-    check_fresh,
-    print_probe_table,
-    score,
-    spec_slug,
-)
+from relicv2_cli.features import view_size
+from relicv2_cli.finetune import evaluate_network, finetune
+from relicv2_cli.probe import print_probe_table
 
 SUBSET_FILE = "subset.txt"
 
 
-class Classifier(nn.Module):
-    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(feature_dim, num_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x).float())
-
-
-def finetune(
-    encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, num_classes: int, size: int, epochs: float,
-    max_steps: int | None, batch_size: int, lr: float, head_lr_scale: float, momentum: float,
-    crop_min_scale: float, seed: int, device: torch.device, precision: str, quiet: bool, description: str = "fine-tune",
-) -> tuple[Classifier, list[dict], dict]:
-    """Fine-tune a copy of the encoder + a new head on (images, labels); returns the network in eval
-    mode, the training curve and a summary (steps, batch, lr, seconds)."""
-    n = len(images)
-    if n < 2:
-        raise RelicError(f"cannot fine-tune on {n} image(s): BatchNorm needs batches of 2 or more")
-    batch = min(batch_size, n)
-    steps_per_epoch = math.ceil(n / batch)
-    total = max(1, math.ceil(epochs * steps_per_epoch))
-    last = min(total, max_steps) if max_steps else total
-    base_lr = scaled_lr(lr, batch)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = Classifier(copy.deepcopy(encoder.model), encoder.feature_dim, num_classes)
-    net.requires_grad_(True)
-    net = net.to(device).train()
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    groups = [{"params": list(net.encoder.parameters()), "scale": 1.0},
-              {"params": list(net.head.parameters()), "scale": head_lr_scale}]
-    optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=True, weight_decay=0.0)
-    images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
-    labels_t = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    history = []
-    t0 = time.perf_counter()
-    with options.progress_bar(quiet) as progress:
-        task = progress.add_task(description, total=last, info="")
-        batches: list[torch.Tensor] = []
-        for step in range(last):
-            if not batches:
-                batches = epoch_batches(n, batch, generator)
-            idx = batches.pop(0).to(device)
-            views = crop_flip(images_t[idx], size, (crop_min_scale, 1.0), generator)
-            if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            rate = lr_at(step, total, base_lr, 0)
-            for group in optimizer.param_groups:
-                group["lr"] = rate * group["scale"]
-            with autocast(device, precision):
-                logits = net(views)
-            loss = F.cross_entropy(logits.float(), labels_t[idx])
-            if not torch.isfinite(loss):
-                raise RelicError(f"fine-tuning loss became {loss.item()} at step {step}; try a lower --lr or --precision fp32")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if step % 10 == 0 or step == last - 1:
-                history.append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "loss": loss.item(),
-                                "lr": rate, "train_top1": (logits.argmax(1) == labels_t[idx]).float().mean().item()})
-                progress.update(task, info=f"loss {loss.item():.3f}")
-            progress.update(task, completed=step + 1)
-    net.eval()
-    summary = {"steps": last, "total_steps": total, "steps_per_epoch": steps_per_epoch, "batch": batch,
-               "backbone_lr": base_lr, "head_lr": base_lr * head_lr_scale, "train_seconds": round(time.perf_counter() - t0, 2)}
-    return net, history, summary
-
-
-def evaluate_network(net: nn.Module, images: np.ndarray, labels: np.ndarray, *, num_classes: int, size: int,
-                     device: torch.device, precision: str, batch_size: int, quiet: bool) -> dict:
-    """score() of a classifier network on the centre view of `images` (BN in eval mode)."""
-    logits = embed(net, images, size=size, device=device, precision=precision, batch_size=batch_size, quiet=quiet,
-                   description="test split")
-    return score(logits, labels, num_classes)
-
-
-def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None, seed: int) -> tuple[np.ndarray, dict]:
+def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
+                   seed: int) -> tuple[np.ndarray, dict]:
     """The subset's indices and a record of where they came from. Validates before anything runs."""
     train = dataset.train
     if (fraction is None) == (subset is None):
@@ -157,7 +61,8 @@ def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
         art = load_artifact(path, kind="semi")
         recorded = art.config.get("train_fingerprint")
         if recorded != train.fingerprint:
-            raise RelicError(f"subset of {path} indexes another training split (fingerprint {str(recorded)[:12]}, "
+            raise RelicError(f"subset of {path} indexes another training split (fingerprint "
+                             f"{str(recorded)[:12]}, "
                              f"this one {train.fingerprint[:12]}); use the same dataset and --limit-train")
         indices = load_subset_file(art.file(SUBSET_FILE), len(train))
         return indices, {"source": "artifact", "path": str(path.resolve()), "digest": art.digest}
@@ -166,13 +71,14 @@ def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
 
 
 def run_semi(
-    encoder: Encoder, dataset: Dataset, *, workdir: Path, name: str | None = None, fraction: float | None = None,
+    encoder: Encoder, dataset: Dataset, *, workdir: Path, name: str | None = None,
+    fraction: float | None = None,
     subset: str | None = None, epochs: float = 30.0, max_steps: int | None = None, lr: float = 0.1,
     head_lr_scale: float = 1.0, momentum: float = 0.9, crop_min_scale: float = 0.08, batch_size: int = 64,
     precision: str = "bf16", seed: int = 0, device: str = "auto", force: bool = False, quiet: bool = False,
     save_weights: bool = False, config_extra: dict | None = None,
 ):
-    options.check_choice("--precision", precision, PRECISIONS)
+    options.check_choice("--precision", precision, options.PRECISIONS)
     for flag, value in (("--batch-size", batch_size), ("--epochs", epochs), ("--lr", lr),
                         ("--head-lr-scale", head_lr_scale)):
         if value <= 0:
@@ -196,18 +102,22 @@ def run_semi(
     net, history, summary = finetune(
         encoder, train_images[indices], train_labels[indices], num_classes=dataset.num_classes, size=size,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
-        momentum=momentum, crop_min_scale=crop_min_scale, seed=seed, device=dev, precision=precision, quiet=quiet,
+        momentum=momentum, crop_min_scale=crop_min_scale, seed=seed, device=dev, precision=precision,
+        quiet=quiet,
         description=f"fine-tune {encoder.label} on {len(indices)} labels")
     result = evaluate_network(net, dataset.test.images, dataset.test.labels, num_classes=dataset.num_classes,
-                              size=size, device=dev, precision=precision, batch_size=max(batch_size, 256), quiet=quiet)
+                              size=size, device=dev, precision=precision, batch_size=max(batch_size, 256),
+                              quiet=quiet)
     metrics = {"top1": result["top1"], "top5": result["top5"], "mean_per_class": result["mean_per_class"],
                "per_class": dict(zip(dataset.class_names, result["per_class"], strict=True)),
                "subset_size": len(indices), "subset_fraction": len(indices) / len(dataset.train),
-               "subset_sha256": digest, "subset_per_class": dict(zip(dataset.class_names, counts, strict=True)),
+               "subset_sha256": digest, "subset_per_class": dict(zip(dataset.class_names, counts,
+                                                                     strict=True)),
                **summary, "final_loss": history[-1]["loss"] if history else None,
                "seconds": round(time.perf_counter() - start, 2)}
     config = {"encoder": encoder.record, "encoder_label": encoder.label, "subset": source, "epochs": epochs,
-              "max_steps": max_steps, "lr": lr, "lr_rule": "lr * batch / 256 (backbone), x head_lr_scale (head)",
+              "max_steps": max_steps, "lr": lr,
+              "lr_rule": "lr * batch / 256 (backbone), x head_lr_scale (head)",
               "head_lr_scale": head_lr_scale, "momentum": momentum, "nesterov": True, "weight_decay": 0.0,
               "schedule": "cosine, no warm-up", "crop_min_scale": crop_min_scale, "batch_size": batch_size,
               "image_size": size, "precision": precision, "seed": seed, "device": dev.type,
@@ -234,36 +144,48 @@ def run_semi(
 
 
 def command(
-    encoder: EncoderArg,
+    encoder: options.Encoder,
     spec: options.Spec,
-    fraction: Annotated[float | None, typer.Option(help="Labelled fraction of every class of train, e.g. 0.01 or 0.1 (SimCLR's ImageNet 1%/10%); drawn with --seed. Exclusive with --subset.")] = None,
-    subset: Annotated[str | None, typer.Option(help="Training indices to use: a file (one index per line, or .npy) or an earlier semi artifact (its subset.txt).")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the labelled subset (choice: 30; BYOL/SimCLR fine-tune 30-60 epochs).")] = 30.0,
+    fraction: Annotated[float | None, typer.Option(
+        help="Labelled fraction of every class of train, e.g. 0.01 or 0.1; drawn with --seed. Exclusive "
+             "with --subset.")] = None,
+    subset: Annotated[str | None, typer.Option(
+        help="Training indices to use: a file (one index per line, or.npy) or an earlier semi artifact (its "
+             "subset.txt).")] = None,
+    epochs: Annotated[float, typer.Option(help="Passes over the labelled subset.")] = 30.0,
     max_steps: options.MaxSteps = None,
-    lr: Annotated[float, typer.Option(help="Learning rate per 256 images: lr * batch / 256, cosine to 0, no warm-up (choice: 0.1, i.e. 0.025 at batch 64; BYOL sweeps 0.005-0.1 at batch 1024).")] = 0.1,
-    head_lr_scale: Annotated[float, typer.Option(help="The new head's learning rate as a multiple of the backbone's (byol: 1, one learning rate; 10 diverged from random init in our runs).")] = 1.0,
+    lr: Annotated[float, typer.Option(
+        help="Learning rate per 256 images: lr * batch / 256, cosine to 0, no warm-up.")] = 0.1,
+    head_lr_scale: Annotated[float, typer.Option(
+        help="The new head's learning rate as a multiple of the backbone's.")] = 1.0,
     momentum: Annotated[float, typer.Option(help="Nesterov momentum (byol: 0.9).")] = 0.9,
-    crop_min_scale: Annotated[float, typer.Option(help="Smallest random-resized-crop area fraction (byol: 0.08).")] = 0.08,
-    save_weights: Annotated[bool, typer.Option("--save-weights", help="Also store the fine-tuned network (finetuned.safetensors) (default: off).")] = False,
-    arch: ArchOpt = "resnet18",
-    width: WidthOpt = 1.0,
-    stem: StemOpt = "cifar",
-    batch_size: Annotated[int, typer.Option(help="Images per SGD step, or the subset size when smaller (choice: 64, so a 500-image subset gets 8 steps per epoch; BYOL 1024 on ImageNet).")] = 64,
-    precision: PrecisionOpt = "bf16",
+    crop_min_scale: Annotated[float, typer.Option(help="Smallest random-resized-crop area fraction.")] = 0.08,
+    save_weights: Annotated[bool, typer.Option(
+        "--save-weights",
+        help="Also store the fine-tuned network (finetuned.safetensors) (default: off).")] = False,
+    arch: options.Arch = "resnet18",
+    width: options.Width = 1.0,
+    stem: options.Stem = "cifar",
+    batch_size: Annotated[int, typer.Option(
+        help="Images per SGD step, or the subset size when smaller.")] = 64,
+    precision: options.Precision = "bf16",
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
-    name: Annotated[str | None, typer.Option(help="Artifact name (default: ENCODER-DATASET-{F*100}pct-s{SEED}, or -subset-{sha(:8)}).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the subset draw, batch order, crops, the head's init and random: init (default 0).")] = 0,
+    name: Annotated[str | None, typer.Option(
+        help="Artifact name (default: ENCODER-DATASET-{F*100}pct-s{SEED}, or -subset-{sha(:8)}).")] = None,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the subset draw, batch order, crops, the head's init and random: init.")] = 0,
     device: options.Device = "auto",
     force: options.Force = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Fine-tune the whole network on a class-balanced label subset; top-1/top-5 on the full test split."""
-    options.check_choice("--precision", precision, PRECISIONS)
+    options.check_choice("--precision", precision, options.PRECISIONS)
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
-    dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size, seed=seed)
+    dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
+                           seed=seed)
     art = run_semi(enc, dataset, workdir=workdir, name=name, fraction=fraction, subset=subset, epochs=epochs,
                    max_steps=max_steps, lr=lr, head_lr_scale=head_lr_scale, momentum=momentum,
                    crop_min_scale=crop_min_scale, batch_size=batch_size, precision=precision, seed=seed,

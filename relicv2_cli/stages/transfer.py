@@ -6,9 +6,9 @@ a log grid, choose the strength on a validation split (the dataset's own, or a c
 `--val-fraction` carved from train with `--seed` when it has none), then refit on train +
 validation with that strength and report the test split with `--metric` (top1, or mean-per-class
 accuracy as Kornblith et al. use for Aircraft, Pets, Caltech101 and Flowers). The solver is
-linear.py's `linear_probe`; features come from the shared cache (stages/features.py).
+probe.py's `linear_probe`; features come from the shared cache (relicv2_cli/features.py).
 
-`--finetune` fine-tunes the whole network instead (semi.py's `finetune`, all hyper-parameters
+`--finetune` fine-tunes the whole network instead (finetune.py's `finetune`, all hyper-parameters
 fixed by the options rather than searched) on train + validation, and reports the test split.
 
 Several encoders and several datasets go in one call; the artifact holds one row per (encoder,
@@ -27,35 +27,21 @@ import typer
 from rich.table import Table
 
 from relicv2_cli import options
+from relicv2_cli.analysis import check_fresh, is_dataset_spec, spec_slug
 from relicv2_cli.artifacts import Staging
 from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset
 from relicv2_cli.encoders import Encoder, load_encoder, slugify
 from relicv2_cli.errors import RelicError
-from relicv2_cli.stages.features import PRECISIONS, split_features, view_size
-from relicv2_cli.stages.linear import (
+from relicv2_cli.features import split_features, view_size
+from relicv2_cli.finetune import evaluate_network, finetune
+from relicv2_cli.probe import (
     DEFAULT_L2_GRID,
     METRICS,
-    ArchOpt,
-    L2GridOpt,
-    MaxIterOpt,
-    MetricOpt,
-    PrecisionOpt,
-    StemOpt,
-    ValFractionOpt,
-    WidthOpt,
-    check_fresh,
     holdout_split,
     linear_probe,
     metric_value,
     parse_l2_grid,
-    spec_slug,
 )
-from relicv2_cli.stages.semi import evaluate_network, finetune
-
-
-def is_dataset_spec(item: str) -> bool:
-    kind = item.split(":", 1)[0]
-    return kind in SPEC_KINDS and (kind == "synthetic" or ":" in item)
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
@@ -97,7 +83,8 @@ def transfer_one(
         else:
             fit_x, fit_y = train.features[fit_idx], train.labels[fit_idx]
             val_x, val_y = train.features[val_idx], train.labels[val_idx]
-        result = linear_probe(fit_x, fit_y, test.features, test.labels, num_classes=dataset.num_classes, grid=grid,
+        result = linear_probe(fit_x, fit_y, test.features, test.labels, num_classes=dataset.num_classes,
+                              grid=grid,
                               val_x=val_x, val_y=val_y, metric=metric, max_iter=max_iter,
                               device=feature_kwargs["device"])
         best = next(r for r in result.grid if r["l2"] == result.l2)
@@ -112,8 +99,10 @@ def transfer_one(
         dev = feature_kwargs["device"]
         net, _history, summary = finetune(encoder, images, labels, num_classes=dataset.num_classes, size=size,
                                           device=dev, precision=feature_kwargs["precision"], quiet=quiet,
-                                          description=f"fine-tune {encoder.label} on {dataset.spec}", **finetune_opts)
-        scores = evaluate_network(net, dataset.test.images, dataset.test.labels, num_classes=dataset.num_classes,
+                                          description=f"fine-tune {encoder.label} on {dataset.spec}",
+                                          **finetune_opts)
+        scores = evaluate_network(net, dataset.test.images, dataset.test.labels,
+                                  num_classes=dataset.num_classes,
                                   size=size, device=dev, precision=feature_kwargs["precision"],
                                   batch_size=feature_kwargs["batch_size"], quiet=quiet)
         row.update({"mode": "finetune", "refit_count": len(labels), **summary, **_scores(scores, metric)})
@@ -130,12 +119,14 @@ def _scores(result: dict, metric: str) -> dict:
 def run_transfer(
     encoders: list[Encoder], specs: list[str], *, workdir: Path, name: str | None = None,
     l2_grid: str = DEFAULT_L2_GRID, metric: str = "top1", val_fraction: float = 0.2, max_iter: int = 1000,
-    finetune_mode: bool = False, finetune_opts: dict | None = None, batch_size: int = 256, precision: str = "bf16",
-    limit_train: int | None = None, limit_test: int | None = None, image_size: int | None = None, seed: int = 0,
+    finetune_mode: bool = False, finetune_opts: dict | None = None, batch_size: int = 256,
+    precision: str = "bf16",
+    limit_train: int | None = None, limit_test: int | None = None, image_size: int | None = None,
+    seed: int = 0,
     device: str = "auto", force: bool = False, quiet: bool = False, command_config: dict | None = None,
 ):
     options.check_choice("--metric", metric, METRICS)
-    options.check_choice("--precision", precision, PRECISIONS)
+    options.check_choice("--precision", precision, options.PRECISIONS)
     grid = parse_l2_grid(l2_grid)
     if not 0 < val_fraction < 1:
         raise RelicError(f"--val-fraction must be in (0, 1), got {val_fraction}")
@@ -145,7 +136,8 @@ def run_transfer(
     if len(set(labels)) != len(labels):
         raise RelicError(f"an encoder is listed twice: {', '.join(labels)}")
     # Load every dataset first: a bad SPEC fails before any work.
-    datasets = [load_dataset(s, limit_train=limit_train, limit_test=limit_test, image_size=image_size, seed=seed)
+    datasets = [load_dataset(s, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
+                             seed=seed)
                 for s in specs]
     workdir = Path(workdir)
     if name is None:
@@ -157,7 +149,8 @@ def run_transfer(
         name = slugify(base, 100)
     check_fresh(workdir, "transfer", name, force)
     dev = options.resolve_device(device)
-    feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir, quiet=quiet,
+    feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
+                          quiet=quiet,
                           force=force)
     rows, parents = [], []
     for encoder in encoders:
@@ -165,31 +158,38 @@ def run_transfer(
             parents.append(encoder.parent)
         for dataset in datasets:
             row, used = transfer_one(encoder, dataset, grid=grid, metric=metric, val_fraction=val_fraction,
-                                     seed=seed, max_iter=max_iter, finetune_opts=finetune_opts if finetune_mode else None,
+                                     seed=seed, max_iter=max_iter,
+                                     finetune_opts=finetune_opts if finetune_mode else None,
                                      feature_kwargs=feature_kwargs, quiet=quiet)
             rows.append(row)
             parents.extend(used)
-    mean_score = {e.label: float(np.mean([r["score"] for r in rows if r["encoder"] == e.label])) for e in encoders}
+    mean_score = {e.label: float(np.mean([r["score"] for r in rows if r["encoder"] == e.label]))
+                  for e in encoders}
     best = max(mean_score, key=mean_score.get)
     metrics = {"metric": metric, "best_encoder": best, "best_mean_score": mean_score[best],
                "datasets": len(datasets), "mean_score": mean_score, "rows": rows}
-    config = {"encoders": [e.record for e in encoders], "specs": specs, "mode": "finetune" if finetune_mode else "linear",
+    config = {"encoders": [e.record for e in encoders], "specs": specs,
+              "mode": "finetune" if finetune_mode else "linear",
               "metric": metric, "l2_grid": grid, "val_fraction": val_fraction, "max_iter": max_iter,
-              "refit": "train+val", "finetune": finetune_opts if finetune_mode else None, "batch_size": batch_size,
-              "precision": precision, "limit_train": limit_train, "limit_test": limit_test, "image_size": image_size,
+              "refit": "train+val", "finetune": finetune_opts if finetune_mode else None,
+              "batch_size": batch_size,
+              "precision": precision, "limit_train": limit_train, "limit_test": limit_test,
+              "image_size": image_size,
               "seed": seed, "device": dev.type, **(command_config or {})}
     unique_parents = list({p.path.resolve(): p for p in parents}.values())
     with Staging(workdir, "transfer", name, force=force) as staging:
         art = staging.commit(config=config, parents=unique_parents,
                              dataset={"spec": " + ".join(specs),
-                                      "fingerprint": hashlib.sha256("".join(d.fingerprint for d in datasets).encode()).hexdigest(),
+                                      "fingerprint": hashlib.sha256(
+                                          "".join(d.fingerprint for d in datasets).encode()).hexdigest(),
                                       "datasets": [d.record() for d in datasets]}, metrics=metrics)
     if not quiet:
         options.console.print(transfer_table(rows, encoders, specs, metric, name))
     return art
 
 
-def transfer_table(rows: list[dict], encoders: list[Encoder], specs: list[str], metric: str, title: str) -> Table:
+def transfer_table(rows: list[dict], encoders: list[Encoder], specs: list[str], metric: str,
+                   title: str) -> Table:
     table = Table(title=f"transfer ({metric}, test split): {title}")
     table.add_column("dataset")
     table.add_column("train+val / test")
@@ -208,35 +208,45 @@ def transfer_table(rows: list[dict], encoders: list[Encoder], specs: list[str], 
 
 
 def command(
-    items: Annotated[list[str], typer.Argument(help="ENCODER... SPEC...: one or more encoders (pretrain artifacts, random:ARCH, torchvision:FILE) and one or more target datasets (recognised by their kind: synthetic, cifar10:DIR, ...).")],
-    metric: MetricOpt = "top1",
-    l2_grid: L2GridOpt = DEFAULT_L2_GRID,
-    val_fraction: ValFractionOpt = 0.2,
-    max_iter: MaxIterOpt = 1000,
-    finetune_mode: Annotated[bool, typer.Option("--finetune", help="Fine-tune the whole network on train+val instead of a linear probe (options below) (default: linear).")] = False,
+    items: Annotated[list[str],
+                     typer.Argument(help="ENCODER... SPEC...: one or more encoders (pretrain artifacts, "
+                                         "random:ARCH, torchvision:FILE) and one or more target datasets "
+                                         "(recognised by their kind: synthetic, cifar10:DIR, ...).")],
+    metric: options.Metric = "top1",
+    l2_grid: options.L2Grid = DEFAULT_L2_GRID,
+    val_fraction: options.ValFraction = 0.2,
+    max_iter: options.MaxIter = 1000,
+    finetune_mode: Annotated[bool, typer.Option(
+        "--finetune",
+        help="Fine-tune the whole network on train+val instead of a linear probe (options below) (default: "
+             "linear).")] = False,
     epochs: Annotated[float, typer.Option(help="--finetune: passes over train+val (choice: 30).")] = 30.0,
     max_steps: options.MaxSteps = None,
-    lr: Annotated[float, typer.Option(help="--finetune: lr per 256 images, cosine to 0 (choice: 0.1, as semi).")] = 0.1,
-    head_lr_scale: Annotated[float, typer.Option(help="--finetune: head lr as a multiple of the backbone's (byol: 1).")] = 1.0,
-    crop_min_scale: Annotated[float, typer.Option(help="--finetune: smallest crop area fraction (byol: 0.08).")] = 0.08,
-    arch: ArchOpt = "resnet18",
-    width: WidthOpt = 1.0,
-    stem: StemOpt = "cifar",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass / per fine-tuning step (choice: 256).")] = 256,
-    precision: PrecisionOpt = "bf16",
+    lr: Annotated[float, typer.Option(help="--finetune: lr per 256 images, cosine to 0.")] = 0.1,
+    head_lr_scale: Annotated[float, typer.Option(
+        help="--finetune: head lr as a multiple of the backbone's.")] = 1.0,
+    crop_min_scale: Annotated[float, typer.Option(help="--finetune: smallest crop area fraction.")] = 0.08,
+    arch: options.Arch = "resnet18",
+    width: options.Width = 1.0,
+    stem: options.Stem = "cifar",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass / per fine-tuning step.")] = 256,
+    precision: options.Precision = "bf16",
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
-    name: Annotated[str | None, typer.Option(help="Artifact name (default: ENCODERS-DATASETS joined by +).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the carved validation split, fine-tuning, random: init and synthetic data (default 0).")] = 0,
+    name: Annotated[str | None, typer.Option(
+        help="Artifact name (default: ENCODERS-DATASETS joined by +).")] = None,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the carved validation split, fine-tuning, random: init and synthetic data.")] = 0,
     device: options.Device = "auto",
     force: options.Force = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Transfer: per target dataset, L2 chosen on validation, refit on train+val, test score; encoders side by side."""
+    """Transfer: per target dataset, L2 chosen on validation, refit on train+val, test score; encoders
+    side by side."""
     options.check_choice("--metric", metric, METRICS)
-    options.check_choice("--precision", precision, PRECISIONS)
+    options.check_choice("--precision", precision, options.PRECISIONS)
     parse_l2_grid(l2_grid)
     encoder_specs, specs = split_items(items)
     encoders = [load_encoder(e, arch=arch, width=width, stem=stem, seed=seed) for e in encoder_specs]
@@ -249,7 +259,8 @@ def command(
         if max_steps is not None and max_steps <= 0:
             raise RelicError(f"--max-steps must be positive, got {max_steps}")
     finetune_opts = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "lr": lr,
-                     "head_lr_scale": head_lr_scale, "momentum": 0.9, "crop_min_scale": crop_min_scale, "seed": seed}
+                     "head_lr_scale": head_lr_scale, "momentum": 0.9, "crop_min_scale": crop_min_scale,
+                     "seed": seed}
     art = run_transfer(encoders, specs, workdir=workdir, name=name, l2_grid=l2_grid, metric=metric,
                        val_fraction=val_fraction, max_iter=max_iter, finetune_mode=finetune_mode,
                        finetune_opts=finetune_opts, batch_size=batch_size, precision=precision,
