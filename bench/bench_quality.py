@@ -232,7 +232,7 @@ def main() -> None:
               "semi_1pct": semi,
               "saliency_s": round(saliency_s, 1),
               "analysis_figures": {k: str(wd / k / f"budget-{args.budget:g}min")
-                                                                        for k in ("neighbors", "ratios")},
+                                   for k in ("neighbors", "ratios")},
               "commands": commands}
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Budget {args.budget:g} min of training per method, ResNet-18 w{args.width} cifar stem, "

@@ -94,11 +94,11 @@ def main() -> None:
 
     device = torch.device(args.device)
     flops = {
-        "ours BYOL, 2x32px": step_flops(pretrain.PretrainConfig(method="byol", small_crops=0,
-                                                                width=args.width), device),
+        "ours BYOL, 2x32px": step_flops(
+            pretrain.PretrainConfig(method="byol", small_crops=0, width=args.width), device),
         "lightly BYOL example, 2x32px": lightly_step_flops(args.width, device),
-        "ours RELICv2, 2x32px + 2x16px": step_flops(pretrain.PretrainConfig(method="relicv2",
-                                                                            width=args.width), device),
+        "ours RELICv2, 2x32px + 2x16px": step_flops(
+            pretrain.PretrainConfig(method="relicv2", width=args.width), device),
     }
     peak = matmul_tflops(device)
     rows = []

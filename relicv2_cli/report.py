@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -108,9 +109,9 @@ def neighbors_figure(
         finite = matrix[np.isfinite(matrix)]
         # Robust colour limits (1st-99th percentile; the bar's ends extend beyond): one outlier
         # does not wash out the rest of the panel.
-        vmin, vmax = (float(np.percentile(finite, 1)), float(np.percentile(finite,
-                                                                           99))) if len(finite) else (0.0,
-                                                                                                      1.0)
+        vmin, vmax = (0.0, 1.0)
+        if len(finite):
+            vmin, vmax = float(np.percentile(finite, 1)), float(np.percentile(finite, 99))
         if vmax <= vmin:
             vmax = vmin + 1e-6
         image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=vmin, vmax=vmax,
@@ -204,9 +205,9 @@ def ratios_figure(series: list[dict], *, class_names: list[str], normalize: bool
     box_data = [finite(np.asarray(s["per_class"], np.float64)[present]) for s in series]
     positions = np.arange(1, n + 1)
     ax_box.boxplot([d if len(d) else [np.nan] for d in box_data], positions=positions, widths=0.55,
-                   showmeans=True, showfliers=False, meanprops={"marker": "D", "markerfacecolor": "white",
-                                                                "markeredgecolor": "black",
-                                              "markersize": 5})
+                   showmeans=True, showfliers=False,
+                   meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black",
+                              "markersize": 5})
     rng = np.random.default_rng(0)
     for i, d in enumerate(box_data):
         ax_box.scatter(positions[i] + rng.uniform(-0.15, 0.15, len(d)), d, s=14, color=colours[i], alpha=0.8,
@@ -288,8 +289,8 @@ def _data(art: Artifact | dict | None) -> str:
     record = art.manifest.get("dataset") if isinstance(art, Artifact) else art
     if not record:
         return "-"
-    limits = [f"{key.split('_')[-1]} {record[key]}" for key in ("limit_train",
-                                                                "limit_test") if record.get(key)]
+    limits = [f"{key.split('_')[-1]} {record[key]}" for key in ("limit_train", "limit_test")
+              if record.get(key)]
     if record.get("image_size"):
         limits.append(f"{record['image_size']} px")
     return record.get("spec", "?") + (f" ({', '.join(limits)})" if limits else "")
@@ -374,107 +375,139 @@ def _display_name(art: Artifact, workdir: Path) -> str:
     return "/".join(parts[:-2] + (art.name,))
 
 
+@dataclass
+class _Section:
+    """What every table of one report section needs: links, lineage, headline numbers, figures."""
+
+    kind: str
+    lineage: Lineage
+    workdir: Path
+    out_dir: Path
+    headlines: dict
+    figures: list[str] = field(default_factory=list)
+
+    def link(self, a: Artifact) -> str:
+        return f"[{_display_name(a, self.workdir)}]({os.path.relpath(a.path, self.out_dir)})"
+
+    def head(self, metric: str, label: str, art: Artifact, value) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.headlines.setdefault(metric, {})[f"{label} @ {_data(art)}"] = float(value)
+
+    def figure(self, a: Artifact, file: str) -> None:
+        self.figures.append(f"![{a.name}]({os.path.relpath(a.path / file, self.out_dir)})")
+
+
 def _section(kind: str, arts: list[Artifact], lineage: Lineage, workdir: Path, out_dir: Path,
              headlines: dict) -> list[str]:
+    sec = _Section(kind, lineage, workdir, out_dir, headlines)
     lines = [f"## {kind} ({len(arts)})", ""]
-    def link(a: Artifact) -> str:
-        return f"[{_display_name(a, workdir)}]({os.path.relpath(a.path, out_dir)})"
-
-    figures: list[str] = []
-
-    def head(metric: str, label: str, art: Artifact, value) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            headlines.setdefault(metric, {})[f"{label} @ {_data(art)}"] = float(value)
-
     if kind == "pretrain":
-        rows = []
-        for a in arts:
-            c, m = a.config, a.metrics
-            extra = {k: v for k, v in _scalars(m).items() if k not in ("steps", "epochs", "loss", "wall_s")}
-            rows.append([link(a), c.get("method"), f"{c.get('arch')} w{c.get('width')} {c.get('stem')}",
-                         _data(a),
-                         m.get("steps"), m.get("epochs"), m.get("loss"), m.get("wall_s"),
-                         ", ".join(f"{k}={_cell(v)}" for k, v in list(extra.items())[:5])])
-        lines += _table(["artifact", "method", "network", "data", "steps", "epochs", "final loss", "wall s",
-                         "other"],
-                        rows)
+        lines += _pretrain_table(arts, sec)
     elif kind == "features":
-        rows = []
-        for a in arts:
-            c, m = a.config, a.metrics
-            rows.append([link(a), c.get("encoder_label"), lineage.describe(c.get("encoder")), c.get("split"),
-                         _data(a),
-                         f"{c.get('count')} x {c.get('feature_dim')}", c.get("image_size"),
-                         m.get("images_per_s")])
-        lines += _table(["artifact", "encoder", "lineage", "split", "data", "features", "px", "images/s"],
-                        rows)
+        lines += _features_table(arts, sec)
     elif kind in ("linear", "semi"):
-        rows = []
-        for a in arts:
-            c, m = a.config, a.metrics
-            label, record = _encoder_rows(a)[0] if _encoder_rows(a) else ("?", None)
-            detail = (f"{c.get('protocol')}, L2 {_cell(m.get('l2'))}" if kind == "linear"
-                      else f"{m.get('subset_size')} labels ({_pct(m.get('subset_fraction'))}%)")
-            rows.append([link(a), label, lineage.describe(record), _data(a), detail, _pct(m.get("top1")),
-                         _pct(m.get("top5")), _pct(m.get("mean_per_class"))])
-            head(f"{kind} top-1", label + ("" if kind == "linear" else f" ({m.get('subset_size')} labels)"),
-                 a,
-                 m.get("top1"))
-        lines += _table(["artifact", "encoder", "lineage", "data",
-                         "protocol" if kind == "linear" else "labels",
-                         "top-1 %", "top-5 %", "mean/class %"], rows)
+        lines += _probe_table(arts, sec)
     elif kind == "transfer":
-        rows = []
-        for a in arts:
-            labels = dict(_encoder_rows(a))
-            for row in a.metrics.get("rows", []):
-                record = labels.get(row.get("encoder"))
-                rows.append([link(a), row.get("encoder"), lineage.describe(record), row.get("dataset"),
-                             row.get("mode", a.config.get("mode")), row.get("metric",
-                                                                            a.metrics.get("metric")),
-                             _pct(row.get("score")), _pct(row.get("top1")), _cell(row.get("l2"))])
-        lines += _table(["artifact", "encoder", "lineage", "dataset", "mode", "metric", "score %", "top-1 %",
-                         "L2"],
-                        rows)
+        lines += _transfer_table(arts, sec)
     elif kind == "neighbors":
-        rows = []
-        for a in arts:
-            per = a.metrics.get("encoders", {})
-            for label, record in _encoder_rows(a):
-                m = per.get(label, {})
-                classes = ", ".join(f"{c} {v:.2f}" for c, v in m.get("agreement_per_class", {}).items())
-                rows.append([link(a), label, lineage.describe(record), _data(a),
-                             f"k={a.metrics.get('k')}, {a.metrics.get('pool')}", m.get("feature_dim"),
-                             _f3(m.get("agreement")), classes, _pct(m.get("knn_top1"))])
-                head(f"neighbour agreement (k={a.metrics.get('k')}, {a.metrics.get('pool')})", label, a,
-                     m.get("agreement"))
-                head("kNN top-1", label, a, m.get("knn_top1"))
-            figures.append(f"![{a.name}]({os.path.relpath(a.path / 'neighbors.png', out_dir)})")
-        lines += _table(["artifact", "encoder", "lineage", "data", "k, pool", "dim", "agreement", "per class",
-                         "kNN top-1 %"], rows)
+        lines += _neighbors_table(arts, sec)
     elif kind == "ratios":
-        rows = []
-        for a in arts:
-            per = a.metrics.get("encoders", {})
-            for label, record in _encoder_rows(a):
-                m = per.get(label, {})
-                rows.append([link(a), label, lineage.describe(record), _data(a), m.get("feature_dim"),
-                             "yes" if a.config.get("normalize") else "no", _f3(m.get("ratio_mean")),
-                             _f3(m.get("ratio_median")), _f3(m.get("sample_ratio_median")),
-                             ", ".join(m.get("undefined_classes", [])) or "-"])
-                head("discriminant ratio (class median)", label, a, m.get("ratio_median"))
-            figures.append(f"![{a.name}]({os.path.relpath(a.path / 'ratios.png', out_dir)})")
-        lines += _table(["artifact", "encoder", "lineage", "data", "dim", "normalised", "class mean",
-                         "class median",
-                         "image median", "undefined classes"], rows)
+        lines += _ratios_table(arts, sec)
     else:  # saliency and anything else: every scalar metric
         keys = list(dict.fromkeys(k for a in arts for k in _scalars(a.metrics)))[:8]
-        rows = [[link(a), a.config.get("method", "-"), _data(a),
-                 *(a.metrics.get(k) for k in keys)] for a in arts]
+        rows = [[sec.link(a), a.config.get("method", "-"), _data(a), *(a.metrics.get(k) for k in keys)]
+                for a in arts]
         lines += _table(["artifact", "method", "data", *keys], rows)
-    if figures:
-        lines += [""] + [f + "\n" for f in figures]
+    if sec.figures:
+        lines += [""] + [f + "\n" for f in sec.figures]
     return lines + [""]
+
+
+def _pretrain_table(arts: list[Artifact], sec: _Section) -> list[str]:
+    rows = []
+    for a in arts:
+        c, m = a.config, a.metrics
+        extra = {k: v for k, v in _scalars(m).items() if k not in ("steps", "epochs", "loss", "wall_s")}
+        network = f"{c.get('arch')} w{c.get('width')} {c.get('stem')}"
+        rows.append([sec.link(a), c.get("method"), network, _data(a), m.get("steps"), m.get("epochs"),
+                     m.get("loss"), m.get("wall_s"),
+                     ", ".join(f"{k}={_cell(v)}" for k, v in list(extra.items())[:5])])
+    columns = ["artifact", "method", "network", "data", "steps", "epochs", "final loss", "wall s", "other"]
+    return _table(columns, rows)
+
+
+def _features_table(arts: list[Artifact], sec: _Section) -> list[str]:
+    rows = []
+    for a in arts:
+        c, m = a.config, a.metrics
+        rows.append([sec.link(a), c.get("encoder_label"), sec.lineage.describe(c.get("encoder")),
+                     c.get("split"), _data(a), f"{c.get('count')} x {c.get('feature_dim')}",
+                     c.get("image_size"), m.get("images_per_s")])
+    return _table(["artifact", "encoder", "lineage", "split", "data", "features", "px", "images/s"], rows)
+
+
+def _probe_table(arts: list[Artifact], sec: _Section) -> list[str]:
+    """linear and semi: one row per artifact, top-1/top-5/mean-per-class."""
+    rows = []
+    for a in arts:
+        c, m = a.config, a.metrics
+        label, record = _encoder_rows(a)[0] if _encoder_rows(a) else ("?", None)
+        detail = (f"{c.get('protocol')}, L2 {_cell(m.get('l2'))}" if sec.kind == "linear"
+                  else f"{m.get('subset_size')} labels ({_pct(m.get('subset_fraction'))}%)")
+        rows.append([sec.link(a), label, sec.lineage.describe(record), _data(a), detail, _pct(m.get("top1")),
+                     _pct(m.get("top5")), _pct(m.get("mean_per_class"))])
+        labels = "" if sec.kind == "linear" else f" ({m.get('subset_size')} labels)"
+        sec.head(f"{sec.kind} top-1", label + labels, a, m.get("top1"))
+    return _table(["artifact", "encoder", "lineage", "data", "protocol" if sec.kind == "linear" else "labels",
+                   "top-1 %", "top-5 %", "mean/class %"], rows)
+
+
+def _transfer_table(arts: list[Artifact], sec: _Section) -> list[str]:
+    rows = []
+    for a in arts:
+        labels = dict(_encoder_rows(a))
+        for row in a.metrics.get("rows", []):
+            record = labels.get(row.get("encoder"))
+            rows.append([sec.link(a), row.get("encoder"), sec.lineage.describe(record), row.get("dataset"),
+                         row.get("mode", a.config.get("mode")), row.get("metric", a.metrics.get("metric")),
+                         _pct(row.get("score")), _pct(row.get("top1")), _cell(row.get("l2"))])
+    return _table(["artifact", "encoder", "lineage", "dataset", "mode", "metric", "score %", "top-1 %", "L2"],
+                  rows)
+
+
+def _neighbors_table(arts: list[Artifact], sec: _Section) -> list[str]:
+    rows = []
+    for a in arts:
+        per = a.metrics.get("encoders", {})
+        for label, record in _encoder_rows(a):
+            m = per.get(label, {})
+            classes = ", ".join(f"{c} {v:.2f}" for c, v in m.get("agreement_per_class", {}).items())
+            rows.append([sec.link(a), label, sec.lineage.describe(record), _data(a),
+                         f"k={a.metrics.get('k')}, {a.metrics.get('pool')}", m.get("feature_dim"),
+                         _f3(m.get("agreement")), classes, _pct(m.get("knn_top1"))])
+            # The headline's wording is the report's, unchanged since its first version.
+            metric = f"neighbour agreement (k={a.metrics.get('k')}, {a.metrics.get('pool')})"
+            sec.head(metric, label, a, m.get("agreement"))
+            sec.head("kNN top-1", label, a, m.get("knn_top1"))
+        sec.figure(a, "neighbors.png")
+    return _table(["artifact", "encoder", "lineage", "data", "k, pool", "dim", "agreement", "per class",
+                   "kNN top-1 %"], rows)
+
+
+def _ratios_table(arts: list[Artifact], sec: _Section) -> list[str]:
+    rows = []
+    for a in arts:
+        per = a.metrics.get("encoders", {})
+        for label, record in _encoder_rows(a):
+            m = per.get(label, {})
+            rows.append([sec.link(a), label, sec.lineage.describe(record), _data(a), m.get("feature_dim"),
+                         "yes" if a.config.get("normalize") else "no", _f3(m.get("ratio_mean")),
+                         _f3(m.get("ratio_median")), _f3(m.get("sample_ratio_median")),
+                         ", ".join(m.get("undefined_classes", [])) or "-"])
+            sec.head("discriminant ratio (class median)", label, a, m.get("ratio_median"))
+        sec.figure(a, "ratios.png")
+    return _table(["artifact", "encoder", "lineage", "data", "dim", "normalised", "class mean",
+                   "class median", "image median", "undefined classes"], rows)
 
 
 def build_report(workdir: Path, output: Path) -> tuple[str, dict, int]:
@@ -504,8 +537,8 @@ def build_report(workdir: Path, output: Path) -> tuple[str, dict, int]:
         lines += ["## Summary", "", "![summary](report_summary.png)", ""]
     lines += body
     if broken:
-        lines += ["## Unreadable artifacts", ""] + _table(["path", "problem"], [[str(p), why] for p,
-                                                                                why in broken])
+        lines += ["## Unreadable artifacts", ""] + _table(["path", "problem"],
+                                                          [[str(p), why] for p, why in broken])
     return "\n".join(lines).rstrip() + "\n", headlines, len(arts)
 
 

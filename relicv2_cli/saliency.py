@@ -280,8 +280,8 @@ def evaluate(pred: np.ndarray, gt: np.ndarray) -> dict:
 # Reading a saliency artifact (pretrain --saliency, the saliency stage's preview).
 
 
-def open_masks(path: str | Path, dataset: Dataset, split: str = "train") -> tuple[artifacts.Artifact,
-                                                                                  np.ndarray]:
+def open_masks(path: str | Path, dataset: Dataset,
+               split: str = "train") -> tuple[artifacts.Artifact, np.ndarray]:
     """Load the binary masks of `split` from a saliency artifact, checked against `dataset`.
 
     Returns the artifact (for the caller's parents list) and masks (N, H, W) uint8 in {0, 1}

@@ -108,8 +108,8 @@ def test_lineage_lists_parents_and_flags_changed_ones(tmp_path, cli):
     child = make(tmp_path, name="child", parents=[parent])
     grandchild = make(tmp_path, name="grandchild", parents=[child])
     rows = artifacts.lineage(grandchild)
-    assert [(depth, entry.name) for depth, entry, _ in rows] == [(0, "grandchild"), (1, "child"), (2,
-                                                                                                   "parent")]
+    assert [(depth, entry.name) for depth, entry, _ in rows] == [(0, "grandchild"), (1, "child"),
+                                                                 (2, "parent")]
     make(tmp_path, name="parent", payload=b"changed", force=True)
     rows = artifacts.lineage(grandchild)
     assert rows[2][2] == "changed since recorded"

@@ -65,10 +65,8 @@ def launch(args: list[str], *, nproc: int | None = 2, max_restarts: int = 0, tim
            hooks: list[str] | None = None) -> subprocess.CompletedProcess:
     """torchrun (nproc processes) or a plain process (nproc None) running the CLI; `hooks` runs it
     through this file's worker mode."""
-    target = [str(THIS), "worker", *hooks, "--", "pretrain", *args] if hooks is not None else ["-m",
-                                                                                               "relicv2_cli",
-                                                                                               "pretrain",
-                                                                                               *args]
+    target = ([str(THIS), "worker", *hooks, "--", "pretrain", *args] if hooks is not None
+              else ["-m", "relicv2_cli", "pretrain", *args])
     cmd = [sys.executable]
     if nproc is not None:
         cmd += ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
@@ -369,10 +367,10 @@ def _unit(out: Path) -> None:
             grads = [mine.weight.grad.clone(), mine.bias.grad.clone()]
             for t in grads:
                 dist.all_reduce(t)
-            errors = {"output": err(yl, yr[rows(shape[0])]), "input_grad": err(xl.grad,
-                                                                               xr.grad[rows(shape[0])]),
-                      "weight_grad": err(grads[0], ref.weight.grad), "bias_grad": err(grads[1],
-                                                                                      ref.bias.grad),
+            errors = {"output": err(yl, yr[rows(shape[0])]),
+                      "input_grad": err(xl.grad, xr.grad[rows(shape[0])]),
+                      "weight_grad": err(grads[0], ref.weight.grad),
+                      "bias_grad": err(grads[1], ref.bias.grad),
                       "running_mean": err(mine.running_mean, ref.running_mean),
                       "running_var": err(mine.running_var, ref.running_var),
                       "batches": float(mine.num_batches_tracked != ref.num_batches_tracked)}
@@ -385,8 +383,8 @@ def _unit(out: Path) -> None:
     ref_loss, _ = relic_loss(online, target, n_negatives=5, generator=torch.Generator().manual_seed(7))
     ref_negatives = sample_negatives(n, 5, torch.Generator().manual_seed(7), "cpu")
     online_pool, target_pool = ctx.gather([online[rows(n)], target[rows(n)]])  # one all-gather for both
-    result["gathered_equal_global_batch"] = bool(torch.equal(online_pool, online) and torch.equal(target_pool,
-                                                                                                  target))
+    same = torch.equal(online_pool, online) and torch.equal(target_pool, target)
+    result["gathered_equal_global_batch"] = bool(same)
     loss, _ = relic_loss(online[rows(n)], target[rows(n)], n_negatives=5,
                          generator=torch.Generator().manual_seed(7),
                          target_pool=target_pool, online_pool=online_pool, offset=rank * b, global_rows=True)
@@ -414,12 +412,11 @@ def _unit(out: Path) -> None:
             opt.zero_grad()
             F.cross_entropy(net(xs), ys).backward()
             opt.step()
-        result["ddp_grad_error"] = max(err(p.grad, q.grad) for p, q in zip(local.parameters(),
-                                                                           ref_model.parameters(),
-                                                                           strict=True))
+        pairs = zip(local.parameters(), ref_model.parameters(), strict=True)
+        result["ddp_grad_error"] = max(err(p.grad, q.grad) for p, q in pairs)
         x = x + 0.1
-    result["ddp_weight_error"] = max(err(p, q) for p, q in zip(local.parameters(), ref_model.parameters(),
-                                                               strict=True))
+    pairs = zip(local.parameters(), ref_model.parameters(), strict=True)
+    result["ddp_weight_error"] = max(err(p, q) for p, q in pairs)
 
     # Evaluation embeds a share of the images per process and all-gathers (7 rows: uneven shares).
     images = torch.arange(7 * 3, dtype=torch.float64).reshape(7, 3)

@@ -165,8 +165,8 @@ def write_imagefolder(root: Path, per_split=(12, 6, 6), classes=("a", "b", "c"))
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(n // len(classes) * 1 + 2):
-                image = np.full((16, 16, 3), 60 * c, np.uint8) + rng.integers(0, 40, (16, 16, 3),
-                                                                              dtype=np.uint8)
+                noise = rng.integers(0, 40, (16, 16, 3), dtype=np.uint8)
+                image = np.full((16, 16, 3), 60 * c, np.uint8) + noise
                 cv2.imwrite(str(folder / f"{i}.png"), image)
 
 

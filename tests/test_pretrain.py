@@ -44,8 +44,9 @@ def test_imagenet_stem_width_1_backbone_loads_into_torchvision(tmp_path):
     cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, stem="imagenet",
                          max_steps=1)
     art = run_pretrain(cfg, workdir=tmp_path, quiet=True)
-    for state in (load_file(art.path / "backbone.safetensors"), torch.load(art.path / "backbone.pt",
-                                                                           weights_only=True)):
+    exported = (load_file(art.path / "backbone.safetensors"),
+                torch.load(art.path / "backbone.pt", weights_only=True))
+    for state in exported:
         result = torchvision.models.resnet18().load_state_dict(state, strict=False)
         assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
 

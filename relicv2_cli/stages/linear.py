@@ -53,27 +53,15 @@ def run_linear(
     device: str = "auto", force: bool = False, quiet: bool = False, config_extra: dict | None = None,
 ):
     """Linear evaluation of `encoder` on `dataset`; writes and returns a `linear` artifact."""
-    options.check_choice("--protocol", protocol, PROTOCOLS)
-    options.check_choice("--metric", metric, METRICS)
-    options.check_choice("--precision", precision, options.PRECISIONS)
+    _check_options(protocol, metric, precision, batch_size, max_iter, epochs, lr, max_steps, crop_min_scale,
+                   val_fraction)
     grid = parse_l2_grid(l2_grid)
-    for flag, value in (("--batch-size", batch_size), ("--max-iter", max_iter), ("--epochs", epochs), ("--lr",
-                                                                                                       lr)):
-        if value <= 0:
-            raise RelicError(f"{flag} must be positive, got {value}")
-    if max_steps is not None and max_steps <= 0:
-        raise RelicError(f"--max-steps must be positive, got {max_steps}")
-    if not 0 < crop_min_scale <= 1:
-        raise RelicError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
-    if not 0 < val_fraction < 1:
-        raise RelicError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     workdir = Path(workdir)
     name = name or f"{encoder.slug}-{spec_slug(dataset.spec)}" + ("-augment" if protocol == "augment" else "")
     check_fresh(workdir, "linear", name, force)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
-                          quiet=quiet,
-                          force=force)
+                          quiet=quiet, force=force)
     t0 = time.perf_counter()
     test = split_features(encoder, dataset, "test", **feature_kwargs)
     history: list[dict] = []
@@ -112,16 +100,15 @@ def run_linear(
                "mean_per_class": test_scores["mean_per_class"], "per_class": per_class, **extra_metrics,
                "seconds": round(seconds, 2)}
     config = {"encoder": encoder.record, "encoder_label": encoder.label, "protocol": protocol,
-              "metric": metric,
-              "l2_grid": grid if protocol == "cached" else None, "val_fraction": val_fraction,
-              "max_iter": max_iter,
+              "metric": metric, "l2_grid": grid if protocol == "cached" else None,
+              "val_fraction": val_fraction, "max_iter": max_iter,
               "standardize": "mean/std of the fitting data", "seed": seed, "batch_size": batch_size,
               "precision": precision, "device": dev.type, "num_classes": dataset.num_classes,
               "class_names": dataset.class_names, **(config_extra or {})}
     if protocol == "augment":
         config.update({"epochs": epochs, "max_steps": max_steps, "lr": lr, "momentum": momentum,
-                       "nesterov": True,
-                       "weight_decay": 0.0, "crop_min_scale": crop_min_scale, "schedule": "cosine"})
+                       "nesterov": True, "weight_decay": 0.0, "crop_min_scale": crop_min_scale,
+                       "schedule": "cosine"})
     parents = ([encoder.parent] if encoder.parent else []) + feature_parents
     with Staging(workdir, "linear", name, force=force) as staging:
         save_file(tensors, str(staging.dir / "classifier.safetensors"))
@@ -129,17 +116,37 @@ def run_linear(
             (staging.dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         art = staging.commit(config=config, parents=parents, dataset=dataset.record(), metrics=metrics)
     if not quiet:
-        rows = [("encoder", encoder.label), ("dataset", dataset.spec), ("protocol", protocol),
-                ("train / test images", f"{len(dataset.train):,} / {len(dataset.test):,}"),
-                ("top-1", f"{100 * metrics['top1']:.2f}%"), ("top-5", f"{100 * metrics['top5']:.2f}%"),
-                ("mean per class", f"{100 * metrics['mean_per_class']:.2f}%")]
-        if l2 is not None:
-            rows.append(("chosen L2", f"{l2:.3g} (grid {grid[0]:.0e}..{grid[-1]:.0e}, {len(grid)} values)"))
-            rows.append(("solver time", f"{sum(metrics['solver_seconds'].values()):.1f} s"))
-        rows.append(("worst class", min(per_class.items(),
-                                        key=lambda kv: kv[1] if kv[1] is not None else 2)[0]))
-        print_probe_table(f"linear evaluation: {name}", rows)
+        _print_summary(name, encoder, dataset, protocol, metrics, l2, grid, per_class)
     return art
+
+
+def _check_options(protocol, metric, precision, batch_size, max_iter, epochs, lr, max_steps, crop_min_scale,
+                   val_fraction) -> None:
+    options.check_choice("--protocol", protocol, PROTOCOLS)
+    options.check_choice("--metric", metric, METRICS)
+    options.check_choice("--precision", precision, options.PRECISIONS)
+    for flag, value in (("--batch-size", batch_size), ("--max-iter", max_iter), ("--epochs", epochs),
+                        ("--lr", lr)):
+        if value <= 0:
+            raise RelicError(f"{flag} must be positive, got {value}")
+    if max_steps is not None and max_steps <= 0:
+        raise RelicError(f"--max-steps must be positive, got {max_steps}")
+    if not 0 < crop_min_scale <= 1:
+        raise RelicError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
+    if not 0 < val_fraction < 1:
+        raise RelicError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+
+
+def _print_summary(name, encoder, dataset, protocol, metrics, l2, grid, per_class) -> None:
+    rows = [("encoder", encoder.label), ("dataset", dataset.spec), ("protocol", protocol),
+            ("train / test images", f"{len(dataset.train):,} / {len(dataset.test):,}"),
+            ("top-1", f"{100 * metrics['top1']:.2f}%"), ("top-5", f"{100 * metrics['top5']:.2f}%"),
+            ("mean per class", f"{100 * metrics['mean_per_class']:.2f}%")]
+    if l2 is not None:
+        rows.append(("chosen L2", f"{l2:.3g} (grid {grid[0]:.0e}..{grid[-1]:.0e}, {len(grid)} values)"))
+        rows.append(("solver time", f"{sum(metrics['solver_seconds'].values()):.1f} s"))
+    rows.append(("worst class", min(per_class.items(), key=lambda kv: kv[1] if kv[1] is not None else 2)[0]))
+    print_probe_table(f"linear evaluation: {name}", rows)
 
 
 def command(

@@ -210,47 +210,17 @@ def run_neighbors(
                           image_size=image_size, device=device)
     dataset, names = prep.dataset, prep.dataset.class_names
     class_ids = resolve_classes(names, classes)
-    test_labels = dataset.test.labels
-    anchors, available = select_anchors(test_labels, class_ids, per_class, names)
-    notes = [f"--per-class {per_class} capped to {n} for class {names[c]!r} (all its test images)"
-             for c, n in available.items() if n < per_class]
-    anchor_labels = test_labels[anchors]
-    pool_size = len(anchors) if pool == "selected" else len(test_labels)
-    if k > pool_size - 1:
-        if pool_size < 2:
-            raise RelicError(f"the pool holds {pool_size} image(s); nearest neighbors need at least 2")
-        notes.append(f"--k {k} capped to {pool_size - 1} (the pool holds {pool_size} images)")
-        k = pool_size - 1
-    for note in notes:
-        options.console.print(f"[yellow]note:[/] {note}")
+    anchors, available, k, notes = _anchors(dataset.test.labels, class_ids, per_class, names, pool, k)
+    anchor_labels = dataset.test.labels[anchors]
 
     t0 = time.perf_counter()
     fkw = dict(device=prep.device, batch_size=batch_size, precision=precision, workdir=workdir, quiet=quiet)
     results, parents = [], []
     for encoder in prep.encoders:
-        test = encoder_features(encoder, dataset, "test", **fkw)
-        parents.append(test.artifact)
-        feats = l2_normalize(test.features) if normalize else test.features.astype(np.float64)
-        if pool == "selected":
-            nbr_local, dist = nearest_neighbors(feats[anchors], feats[anchors], k,
-                                                 exclude=np.arange(len(anchors)), device=prep.device)
-            nbr_index = anchors[nbr_local]
-            matrix = neighbor_matrix(nbr_local, dist, len(anchors))
-        else:
-            nbr_index, dist = nearest_neighbors(feats[anchors], feats, k, exclude=anchors, device=prep.device)
-            matrix = dist
-        nbr_labels = test_labels[nbr_index]
-        agreement = neighbor_agreement(anchor_labels, nbr_labels)
-        knn_top1 = None
-        if knn:
-            train = encoder_features(encoder, dataset, "train", **fkw)
-            parents.append(train.artifact)
-            knn_top1 = knn_accuracy(torch.from_numpy(train.features), train.labels,
-                                    torch.from_numpy(test.features),
-                                    test.labels, dataset.num_classes, k=knn_k, temperature=knn_temperature)
-        results.append({"encoder": encoder, "neighbours": nbr_index, "distances": dist, "matrix": matrix,
-                        "neighbour_labels": nbr_labels, "agreement": agreement, "knn_top1": knn_top1,
-                        "feature_dim": int(test.features.shape[1])})
+        result, used = _analyse_encoder(encoder, dataset, anchors, pool=pool, k=k, normalize=normalize,
+                                        knn=knn, knn_k=knn_k, knn_temperature=knn_temperature, fkw=fkw)
+        results.append(result)
+        parents.extend(used)
     seconds = time.perf_counter() - t0
 
     per_encoder = {
@@ -267,30 +237,9 @@ def run_neighbors(
     metrics = {"k": k, "pool": pool, "best_encoder": best, "best_agreement": per_encoder[best]["agreement"],
                "classes": [names[c] for c in class_ids], "anchors_per_class": counts, "encoders": per_encoder,
                "notes": notes, "seconds": round(seconds, 2)}
-    config = {"encoders": [e.record for e in prep.encoders],
-              "encoder_labels": [e.label for e in prep.encoders],
-              "spec": prep.spec, "classes": [names[c] for c in class_ids], "class_ids": class_ids,
-              "per_class": per_class, "k": k, "pool": pool, "normalize": normalize,
-              "distance": "L2 on L2-normalised features" if normalize else "L2 on raw features",
-              "anchor_selection": "first N test images of each class, dataset order",
-              "knn": {"enabled": knn, "k": knn_k, "temperature": knn_temperature, "similarity": "cosine",
-                      "memory": "train split", "queries": "whole test split"},
-              "batch_size": batch_size, "precision": precision, "limit_train": limit_train,
-              "limit_test": limit_test, "image_size": image_size, "seed": seed, "device": prep.device.type,
-              "class_names": names}
-    numbers = {
-        "class_names": names, "classes": [names[c] for c in class_ids], "pool": pool, "k": k,
-        "normalize": normalize, "anchors": anchors.tolist(), "anchor_labels": anchor_labels.tolist(),
-        "encoders": [  # "neighbours", "neighbour_labels": the artifact's keys, spelled as when first written
-            {"label": r["encoder"].label, "feature_dim": r["feature_dim"],
-             "neighbours": r["neighbours"].tolist(),
-             "distances": np.round(r["distances"], 6).tolist(),
-             "neighbour_labels": r["neighbour_labels"].tolist(),
-             "agreement": r["agreement"].overall, "agreement_per_anchor": r["agreement"].per_anchor.tolist(),
-             "knn_top1": r["knn_top1"]}
-            for r in results
-        ],
-    }
+    config = _config(prep, names, class_ids, per_class, k, pool, normalize, knn, knn_k, knn_temperature,
+                     batch_size, precision, limit_train, limit_test, image_size, seed)
+    numbers = _numbers(results, names, class_ids, pool, k, normalize, anchors, anchor_labels)
     from relicv2_cli.report import neighbors_figure, save_figure
 
     with Staging(workdir, "neighbors", prep.name, force=force) as staging:
@@ -311,6 +260,86 @@ def run_neighbors(
     if not quiet:
         options.console.print(neighbors_table(per_encoder, [names[c] for c in class_ids], k, pool, prep.name))
     return art
+
+
+def _anchors(test_labels, class_ids, per_class, names, pool, k):
+    """(anchors, images available per class, k capped to the pool, notes printed about the caps)."""
+    anchors, available = select_anchors(test_labels, class_ids, per_class, names)
+    notes = [f"--per-class {per_class} capped to {n} for class {names[c]!r} (all its test images)"
+             for c, n in available.items() if n < per_class]
+    pool_size = len(anchors) if pool == "selected" else len(test_labels)
+    if k > pool_size - 1:
+        if pool_size < 2:
+            raise RelicError(f"the pool holds {pool_size} image(s); nearest neighbors need at least 2")
+        notes.append(f"--k {k} capped to {pool_size - 1} (the pool holds {pool_size} images)")
+        k = pool_size - 1
+    for note in notes:
+        options.console.print(f"[yellow]note:[/] {note}")
+    return anchors, available, k, notes
+
+
+def _analyse_encoder(encoder, dataset, anchors, *, pool, k, normalize, knn, knn_k, knn_temperature, fkw):
+    """One encoder's neighbors of the anchors, their agreement and (with `knn`) the kNN accuracy;
+    returns the result and the features artifacts it used."""
+    test_labels = dataset.test.labels
+    test = encoder_features(encoder, dataset, "test", **fkw)
+    parents = [test.artifact]
+    feats = l2_normalize(test.features) if normalize else test.features.astype(np.float64)
+    if pool == "selected":
+        nbr_local, dist = nearest_neighbors(feats[anchors], feats[anchors], k,
+                                            exclude=np.arange(len(anchors)), device=fkw["device"])
+        nbr_index = anchors[nbr_local]
+        matrix = neighbor_matrix(nbr_local, dist, len(anchors))
+    else:
+        nbr_index, dist = nearest_neighbors(feats[anchors], feats, k, exclude=anchors, device=fkw["device"])
+        matrix = dist
+    nbr_labels = test_labels[nbr_index]
+    agreement = neighbor_agreement(test_labels[anchors], nbr_labels)
+    knn_top1 = None
+    if knn:
+        train = encoder_features(encoder, dataset, "train", **fkw)
+        parents.append(train.artifact)
+        knn_top1 = knn_accuracy(torch.from_numpy(train.features), train.labels,
+                                torch.from_numpy(test.features), test.labels, dataset.num_classes, k=knn_k,
+                                temperature=knn_temperature)
+    result = {"encoder": encoder, "neighbours": nbr_index, "distances": dist, "matrix": matrix,
+              "neighbour_labels": nbr_labels, "agreement": agreement, "knn_top1": knn_top1,
+              "feature_dim": int(test.features.shape[1])}
+    return result, parents
+
+
+def _config(prep, names, class_ids, per_class, k, pool, normalize, knn, knn_k, knn_temperature, batch_size,
+            precision, limit_train, limit_test, image_size, seed) -> dict:
+    config = {"encoders": [e.record for e in prep.encoders],
+              "encoder_labels": [e.label for e in prep.encoders],
+              "spec": prep.spec, "classes": [names[c] for c in class_ids], "class_ids": class_ids,
+              "per_class": per_class, "k": k, "pool": pool, "normalize": normalize,
+              "distance": "L2 on L2-normalised features" if normalize else "L2 on raw features",
+              "anchor_selection": "first N test images of each class, dataset order",
+              "knn": {"enabled": knn, "k": knn_k, "temperature": knn_temperature, "similarity": "cosine",
+                      "memory": "train split", "queries": "whole test split"},
+              "batch_size": batch_size, "precision": precision, "limit_train": limit_train,
+              "limit_test": limit_test, "image_size": image_size, "seed": seed, "device": prep.device.type,
+              "class_names": names}
+    return config
+
+
+def _numbers(results, names, class_ids, pool, k, normalize, anchors, anchor_labels) -> dict:
+    """neighbors.json: anchors, and per encoder its neighbors, distances and agreement."""
+    numbers = {
+        "class_names": names, "classes": [names[c] for c in class_ids], "pool": pool, "k": k,
+        "normalize": normalize, "anchors": anchors.tolist(), "anchor_labels": anchor_labels.tolist(),
+        "encoders": [  # "neighbours", "neighbour_labels": the artifact's keys, spelled as when first written
+            {"label": r["encoder"].label, "feature_dim": r["feature_dim"],
+             "neighbours": r["neighbours"].tolist(),
+             "distances": np.round(r["distances"], 6).tolist(),
+             "neighbour_labels": r["neighbour_labels"].tolist(),
+             "agreement": r["agreement"].overall, "agreement_per_anchor": r["agreement"].per_anchor.tolist(),
+             "knn_top1": r["knn_top1"]}
+            for r in results
+        ],
+    }
+    return numbers
 
 
 def neighbors_table(per_encoder: dict, classes: list[str], k: int, pool: str, title: str) -> Table:

@@ -179,8 +179,7 @@ def run_ratios(
         raise RelicError(f"--distance-batch must be at least 1, got {distance_batch}")
     workdir = Path(workdir)
     prep = prepare_inputs(items, kind="ratios", name=name, workdir=workdir, force=force, arch=arch,
-                          width=width,
-                          stem=stem, seed=seed, limit_train=limit_train, limit_test=limit_test,
+                          width=width, stem=stem, seed=seed, limit_train=limit_train, limit_test=limit_test,
                           image_size=image_size, device=device)
     dataset, names = prep.dataset, prep.dataset.class_names
     labels = dataset.test.labels
@@ -201,19 +200,7 @@ def run_ratios(
         results.append((encoder, result, int(test.features.shape[1])))
     seconds = time.perf_counter() - t0
 
-    per_encoder = {}
-    for encoder, r, dim in results:
-        by_class, by_sample = summarize(r.per_class), summarize(r.per_sample)
-        per_encoder[encoder.label] = {
-            "ratio_mean": by_class["mean"], "ratio_median": by_class["median"],
-            "sample_ratio_mean": by_sample["mean"], "sample_ratio_median": by_sample["median"],
-            "per_class": {names[c]: _number(r.per_class[c]) for c in present},
-            "intra": {names[c]: _number(r.intra[c]) for c in present},
-            "inter": {names[c]: _number(r.inter[c]) for c in present},
-            "undefined_classes": [names[c] for c in present if np.isnan(r.per_class[c])],
-            "infinite_classes": [names[c] for c in present if np.isinf(r.per_class[c])],
-            "undefined_samples": by_sample["undefined"], "feature_dim": dim,
-        }
+    per_encoder = {encoder.label: _encoder_metrics(r, dim, names, present) for encoder, r, dim in results}
     ranked = [label for label in per_encoder if per_encoder[label]["ratio_median"] is not None]
     best = max(ranked, key=lambda label: per_encoder[label]["ratio_median"]) if ranked else None
     metrics = {"best_encoder": best, "best_median": per_encoder[best]["ratio_median"] if best else None,
@@ -230,17 +217,7 @@ def run_ratios(
     from relicv2_cli.report import ratios_figure, save_figure
 
     with Staging(workdir, "ratios", prep.name, force=force) as staging:
-        with h5py.File(staging.dir / NUMBERS_FILE, "w") as f:
-            f.attrs["class_names"] = list(names)
-            f.attrs["normalize"] = normalize
-            f.attrs["formula"] = config["ratio"]
-            f.create_dataset("labels", data=labels.astype(np.int64))
-            for i, (encoder, r, dim) in enumerate(results):
-                group = f.create_group(f"encoder_{i}")
-                group.attrs["label"] = encoder.label
-                group.attrs["feature_dim"] = dim
-                for key in ("per_class", "per_sample", "intra", "inter", "counts"):
-                    group.create_dataset(key, data=getattr(r, key))
+        _write_numbers(staging.dir / NUMBERS_FILE, results, names, normalize, config["ratio"], labels)
         series = [{"label": encoder.label, "per_class": r.per_class, "per_sample": r.per_sample,
                    "counts": r.counts, "feature_dim": dim} for encoder, r, dim in results]
         figure = ratios_figure(series, class_names=names, normalize=normalize,
@@ -252,6 +229,36 @@ def run_ratios(
     if not quiet:
         options.console.print(ratios_table(per_encoder, prep.name, normalize))
     return art
+
+
+def _encoder_metrics(r: RatioResult, dim: int, names: list[str], present: np.ndarray) -> dict:
+    by_class, by_sample = summarize(r.per_class), summarize(r.per_sample)
+    return {
+        "ratio_mean": by_class["mean"], "ratio_median": by_class["median"],
+        "sample_ratio_mean": by_sample["mean"], "sample_ratio_median": by_sample["median"],
+        "per_class": {names[c]: _number(r.per_class[c]) for c in present},
+        "intra": {names[c]: _number(r.intra[c]) for c in present},
+        "inter": {names[c]: _number(r.inter[c]) for c in present},
+        "undefined_classes": [names[c] for c in present if np.isnan(r.per_class[c])],
+        "infinite_classes": [names[c] for c in present if np.isinf(r.per_class[c])],
+        "undefined_samples": by_sample["undefined"], "feature_dim": dim,
+    }
+
+
+def _write_numbers(path: Path, results: list, names: list[str], normalize: bool, formula: str,
+                   labels: np.ndarray) -> None:
+    """ratios.h5: labels, and per encoder its per-class and per-image ratios and distances."""
+    with h5py.File(path, "w") as f:
+        f.attrs["class_names"] = list(names)
+        f.attrs["normalize"] = normalize
+        f.attrs["formula"] = formula
+        f.create_dataset("labels", data=labels.astype(np.int64))
+        for i, (encoder, r, dim) in enumerate(results):
+            group = f.create_group(f"encoder_{i}")
+            group.attrs["label"] = encoder.label
+            group.attrs["feature_dim"] = dim
+            for key in ("per_class", "per_sample", "intra", "inter", "counts"):
+                group.create_dataset(key, data=getattr(r, key))
 
 
 def ratios_table(per_encoder: dict, title: str, normalize: bool) -> Table:

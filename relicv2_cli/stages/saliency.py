@@ -281,19 +281,7 @@ def run(
     quality_n: int = 500,
 ) -> artifacts.Artifact:
     """Compute (or import) masks for SPEC's split(s) and commit a `saliency` artifact."""
-    options.check_choice("--split", split, SPLIT_CHOICES)
-    if from_dir is None:
-        options.check_choice("--method", method, sal.METHODS)
-    workers = workers if workers is not None else _cpu_count()
-    if workers < 1:
-        raise RelicError(f"--workers must be at least 1, got {workers}")
-    if chunk_size is not None and chunk_size < 1:
-        raise RelicError(f"--chunk-size must be at least 1, got {chunk_size}")
-    if quality_n < 0:
-        raise RelicError(f"--quality-n must be 0 or more, got {quality_n}")
-    if from_dir is not None and not Path(from_dir).is_dir():
-        raise RelicError(f"--from-dir {from_dir} is not a directory")
-
+    workers = _check_run_options(split, method, from_dir, workers, chunk_size, quality_n)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
                            skip_bad=skip_bad, seed=seed)
     splits = ["train", *(["val"] if dataset.val is not None else []), "test"] if split == "all" else [split]
@@ -324,21 +312,9 @@ def run(
     staging = artifacts.Staging(Path(workdir), "saliency", name, force=force, resume=resume, resumable=True)
     with staging, options.handle_signals(_raise_interrupt, (signal.SIGTERM,)), _Runner(workers) as runner:
         h5_path = staging.dir / sal.H5_NAME
-        done_before = 0
         start = time.perf_counter()
-        processed = 0
         with _open_h5(h5_path, resume, header, split_info, shapes, chunk) as f:
-            tasks, total = [], 0
-            for s in splits:
-                n = len(dataset.split(s))
-                done = f[s]["done"][()]
-                total += n
-                for c in range(len(done)):
-                    lo, hi = c * chunk, min(n, (c + 1) * chunk)
-                    if done[c]:
-                        done_before += hi - lo
-                    else:
-                        tasks.append((s, c, lo, hi))
+            tasks, total, done_before = _pending_chunks(f, dataset, splits, chunk)
             with options.progress_bar(quiet) as progress:
                 bar = progress.add_task(f"saliency {used_method}", total=total, completed=done_before,
                                         info=f"{workers} worker(s)" if imported is None else "import")
@@ -348,41 +324,87 @@ def run(
                 else:
                     results = runner.map([((s, c), dataset.split(s).images[lo:hi], method, None, seed)
                                           for s, c, lo, hi in tasks])
-                bounds = {(s, c): (lo, hi) for s, c, lo, hi in tasks}
-                for (s, c), sal_chunk, mask_chunk in results:
-                    lo, hi = bounds[(s, c)]
-                    f[s]["saliency"][lo:hi] = sal_chunk
-                    f[s]["mask"][lo:hi] = mask_chunk
-                    f[s]["done"][c] = 1
-                    f.flush()
-                    processed += hi - lo
-                    progress.update(bar, advance=hi - lo)
+                processed = _write_chunks(f, tasks, results, lambda n: progress.update(bar, advance=n))
             elapsed = time.perf_counter() - start
             masks_first = f[splits[0]]["mask"][:16]
             sal_first = f[splits[0]]["saliency"][:16]
             foreground = _foreground_fraction(f[splits[0]]["mask"], chunk)
 
-        metrics: dict = {"images": sum(i["count"] for i in split_info.values()),
-                         "images_this_run": processed,
-                         "images_per_s": processed / elapsed if processed and elapsed > 0 else None}
         quality = _quality(dataset, splits, h5_path, used_method, quality_n, runner, seed, quiet)
-        if quality:
-            metrics["quality"] = quality
-            head = quality[next(iter(quality))]
-            metrics["iou"] = head["all_images"]["iou"]
-            metrics["f_beta"] = head["all_images"]["f_beta"]
-            if "centre" in head["methods"]:
-                centre = head["methods"]["centre"]
-                metrics["centre_prior_iou"] = centre["iou"]
-                metrics["centre_prior_f_beta"] = centre["f_beta"]
-                metrics["beats_centre_prior"] = head["methods"][used_method]["iou"] > centre["iou"]
-        metrics["foreground_fraction"] = foreground
+        metrics = _run_metrics(split_info, processed, elapsed, quality, used_method, foreground)
         gt = dataset.split(splits[0]).masks
         write_preview(staging.dir / PREVIEW_NAME, dataset.split(splits[0]).images, sal_first, masks_first,
                       title=f"saliency {used_method} - {spec} ({splits[0]})", gt=gt)
         if not quiet:
             _print_quality(quality, used_method, metrics)
         return staging.commit(config=config, dataset=dataset.record(), metrics=metrics)
+
+
+def _check_run_options(split, method, from_dir, workers, chunk_size, quality_n) -> int:
+    """One-line errors before any work; returns the number of workers."""
+    options.check_choice("--split", split, SPLIT_CHOICES)
+    if from_dir is None:
+        options.check_choice("--method", method, sal.METHODS)
+    workers = workers if workers is not None else _cpu_count()
+    if workers < 1:
+        raise RelicError(f"--workers must be at least 1, got {workers}")
+    if chunk_size is not None and chunk_size < 1:
+        raise RelicError(f"--chunk-size must be at least 1, got {chunk_size}")
+    if quality_n < 0:
+        raise RelicError(f"--quality-n must be 0 or more, got {quality_n}")
+    if from_dir is not None and not Path(from_dir).is_dir():
+        raise RelicError(f"--from-dir {from_dir} is not a directory")
+    return workers
+
+
+def _pending_chunks(f: h5py.File, dataset: Dataset, splits: list[str], chunk: int):
+    """(chunks still to compute as (split, chunk, lo, hi), images in all, images already done)."""
+    tasks, total, done_before = [], 0, 0
+    for s in splits:
+        n = len(dataset.split(s))
+        done = f[s]["done"][()]
+        total += n
+        for c in range(len(done)):
+            lo, hi = c * chunk, min(n, (c + 1) * chunk)
+            if done[c]:
+                done_before += hi - lo
+            else:
+                tasks.append((s, c, lo, hi))
+    return tasks, total, done_before
+
+
+def _write_chunks(f: h5py.File, tasks: list[tuple], results, advance) -> int:
+    """Write each finished chunk and flush, so an interruption keeps it; returns the images written."""
+    bounds = {(s, c): (lo, hi) for s, c, lo, hi in tasks}
+    processed = 0
+    for (s, c), sal_chunk, mask_chunk in results:
+        lo, hi = bounds[(s, c)]
+        f[s]["saliency"][lo:hi] = sal_chunk
+        f[s]["mask"][lo:hi] = mask_chunk
+        f[s]["done"][c] = 1
+        f.flush()
+        processed += hi - lo
+        advance(hi - lo)
+    return processed
+
+
+def _run_metrics(split_info: dict, processed: int, elapsed: float, quality: dict, used_method: str,
+                 foreground: float) -> dict:
+    metrics: dict = {"images": sum(i["count"] for i in split_info.values()),
+                     "images_this_run": processed,
+                     "images_per_s": processed / elapsed if processed and elapsed > 0 else None}
+    if quality:
+        metrics["quality"] = quality
+        head = quality[next(iter(quality))]
+        metrics["iou"] = head["all_images"]["iou"]
+        metrics["f_beta"] = head["all_images"]["f_beta"]
+        if "centre" in head["methods"]:
+            centre = head["methods"]["centre"]
+            metrics["centre_prior_iou"] = centre["iou"]
+            metrics["centre_prior_f_beta"] = centre["f_beta"]
+            metrics["beats_centre_prior"] = head["methods"][used_method]["iou"] > centre["iou"]
+    metrics["foreground_fraction"] = foreground
+    return metrics
 
 
 def _foreground_fraction(dset: h5py.Dataset, block: int) -> float:

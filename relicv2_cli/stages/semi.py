@@ -111,8 +111,8 @@ def run_semi(
     metrics = {"top1": result["top1"], "top5": result["top5"], "mean_per_class": result["mean_per_class"],
                "per_class": dict(zip(dataset.class_names, result["per_class"], strict=True)),
                "subset_size": len(indices), "subset_fraction": len(indices) / len(dataset.train),
-               "subset_sha256": digest, "subset_per_class": dict(zip(dataset.class_names, counts,
-                                                                     strict=True)),
+               "subset_sha256": digest,
+               "subset_per_class": dict(zip(dataset.class_names, counts, strict=True)),
                **summary, "final_loss": history[-1]["loss"] if history else None,
                "seconds": round(time.perf_counter() - start, 2)}
     config = {"encoder": encoder.record, "encoder_label": encoder.label, "subset": source, "epochs": epochs,
