@@ -72,21 +72,13 @@ def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
 
 def run_semi(
     encoder: Encoder, dataset: Dataset, *, workdir: Path, name: str | None = None,
-    fraction: float | None = None,
-    subset: str | None = None, epochs: float = 30.0, max_steps: int | None = None, lr: float = 0.1,
+    fraction: float | None = None, subset: str | None = None, epochs: float = 30.0,
+    max_steps: int | None = None, lr: float = 0.1,
     head_lr_scale: float = 1.0, momentum: float = 0.9, crop_min_scale: float = 0.08, batch_size: int = 64,
     precision: str = "bf16", seed: int = 0, device: str = "auto", force: bool = False, quiet: bool = False,
     save_weights: bool = False, config_extra: dict | None = None,
 ):
-    options.check_choice("--precision", precision, options.PRECISIONS)
-    for flag, value in (("--batch-size", batch_size), ("--epochs", epochs), ("--lr", lr),
-                        ("--head-lr-scale", head_lr_scale)):
-        if value <= 0:
-            raise RelicError(f"{flag} must be positive, got {value}")
-    if max_steps is not None and max_steps <= 0:
-        raise RelicError(f"--max-steps must be positive, got {max_steps}")
-    if not 0 < crop_min_scale <= 1:
-        raise RelicError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
+    _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale)
     indices, source = resolve_subset(dataset, fraction, subset, seed)
     digest = subset_digest(indices)
     workdir = Path(workdir)
@@ -103,8 +95,7 @@ def run_semi(
         encoder, train_images[indices], train_labels[indices], num_classes=dataset.num_classes, size=size,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
         momentum=momentum, crop_min_scale=crop_min_scale, seed=seed, device=dev, precision=precision,
-        quiet=quiet,
-        description=f"fine-tune {encoder.label} on {len(indices)} labels")
+        quiet=quiet, description=f"fine-tune {encoder.label} on {len(indices)} labels")
     result = evaluate_network(net, dataset.test.images, dataset.test.labels, num_classes=dataset.num_classes,
                               size=size, device=dev, precision=precision, batch_size=max(batch_size, 256),
                               quiet=quiet)
@@ -141,6 +132,18 @@ def run_semi(
             ("test top-1", f"{100 * metrics['top1']:.2f}%"), ("test top-5", f"{100 * metrics['top5']:.2f}%"),
         ])
     return art
+
+
+def _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale) -> None:
+    options.check_choice("--precision", precision, options.PRECISIONS)
+    for flag, value in (("--batch-size", batch_size), ("--epochs", epochs), ("--lr", lr),
+                        ("--head-lr-scale", head_lr_scale)):
+        if value <= 0:
+            raise RelicError(f"{flag} must be positive, got {value}")
+    if max_steps is not None and max_steps <= 0:
+        raise RelicError(f"--max-steps must be positive, got {max_steps}")
+    if not 0 < crop_min_scale <= 1:
+        raise RelicError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
 
 
 def command(

@@ -120,10 +120,9 @@ def run_transfer(
     encoders: list[Encoder], specs: list[str], *, workdir: Path, name: str | None = None,
     l2_grid: str = DEFAULT_L2_GRID, metric: str = "top1", val_fraction: float = 0.2, max_iter: int = 1000,
     finetune_mode: bool = False, finetune_opts: dict | None = None, batch_size: int = 256,
-    precision: str = "bf16",
-    limit_train: int | None = None, limit_test: int | None = None, image_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto", force: bool = False, quiet: bool = False, command_config: dict | None = None,
+    precision: str = "bf16", limit_train: int | None = None, limit_test: int | None = None,
+    image_size: int | None = None, seed: int = 0, device: str = "auto", force: bool = False,
+    quiet: bool = False, command_config: dict | None = None,
 ):
     options.check_choice("--metric", metric, METRICS)
     options.check_choice("--precision", precision, options.PRECISIONS)
@@ -136,22 +135,14 @@ def run_transfer(
     if len(set(labels)) != len(labels):
         raise RelicError(f"an encoder is listed twice: {', '.join(labels)}")
     # Load every dataset first: a bad SPEC fails before any work.
-    datasets = [load_dataset(s, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                             seed=seed)
-                for s in specs]
+    data_options = dict(limit_train=limit_train, limit_test=limit_test, image_size=image_size, seed=seed)
+    datasets = [load_dataset(s, **data_options) for s in specs]
     workdir = Path(workdir)
-    if name is None:
-        base = "+".join(e.slug for e in encoders) + "-" + "+".join(spec_slug(s) for s in specs)
-        if finetune_mode:
-            base += "-finetune"
-        if len(base) > 80:
-            base = base[:60] + "-" + hashlib.sha256(base.encode()).hexdigest()[:8]
-        name = slugify(base, 100)
+    name = name or _default_name(encoders, specs, finetune_mode)
     check_fresh(workdir, "transfer", name, force)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
-                          quiet=quiet,
-                          force=force)
+                          quiet=quiet, force=force)
     rows, parents = [], []
     for encoder in encoders:
         if encoder.parent is not None:
@@ -186,6 +177,15 @@ def run_transfer(
     if not quiet:
         options.console.print(transfer_table(rows, encoders, specs, metric, name))
     return art
+
+
+def _default_name(encoders: list[Encoder], specs: list[str], finetune_mode: bool) -> str:
+    base = "+".join(e.slug for e in encoders) + "-" + "+".join(spec_slug(s) for s in specs)
+    if finetune_mode:
+        base += "-finetune"
+    if len(base) > 80:
+        base = base[:60] + "-" + hashlib.sha256(base.encode()).hexdigest()[:8]
+    return slugify(base, 100)
 
 
 def transfer_table(rows: list[dict], encoders: list[Encoder], specs: list[str], metric: str,
