@@ -243,11 +243,13 @@ def byol_jitter(
         s = torch.where((op == 2).view(n, 1, 1), (s * saturation.view(n, 1, 1)).clamp(0, 1), s)
         h = torch.where((op == 3).view(n, 1, 1), (h + hue.view(n, 1, 1)) % 1.0, h)
         shifted = hsv_to_rgb(h, s, v).clamp(0, 1)
-        x = torch.where(((op == 2) | (op == 3)).view(n, 1, 1, 1), shifted, x)  # others skip the round trip's rounding
+        # others skip the round trip's rounding
+        x = torch.where(((op == 2) | (op == 3)).view(n, 1, 1, 1), shifted, x)
     return x
 
 
-def _torchvision_jitter(x: torch.Tensor, jitter: torch.Tensor, ps, generator: torch.Generator) -> torch.Tensor:
+def _torchvision_jitter(x: torch.Tensor, jitter: torch.Tensor, ps,
+                        generator: torch.Generator) -> torch.Tensor:
     """torchvision's ColorJitter semantics: brightness, contrast (towards the mean grey level) and
     saturation (towards the grey image) as factors U(max(0, 1 - s), 1 + s), hue as a chroma rotation
     in YIQ (a linear stand-in for the HSV shift); one random order of the four ops per call."""
@@ -392,7 +394,8 @@ def make_views(
         boxes = sample_boxes(S * b, h, w, cfg.small_scale, cfg.ratio, generator, dev)
         index = torch.arange(b, device=dev).repeat(S)
         crops = crop_resize(x, boxes, index, cfg.small_size)
-        crops = normalize(augment(crops, [cfg.small_preset] * S, generator, cfg.blur, cfg.jitter), cfg.mean, cfg.std)
+        crops = normalize(augment(crops, [cfg.small_preset] * S, generator, cfg.blur, cfg.jitter), cfg.mean,
+                          cfg.std)
         small = list(crops.chunk(S))
     return Views(large=large, small=small, masked=masked)
 

@@ -253,7 +253,8 @@ def test_byol_jitter_matches_a_per_image_reference():
         if not apply[i]:
             assert torch.equal(out[i], x[i])
             continue
-        want = _byol_reference(x[i], brightness[i].item(), contrast[i].item(), saturation[i].item(), hue[i].item(),
+        want = _byol_reference(x[i], brightness[i].item(), contrast[i].item(), saturation[i].item(),
+                               hue[i].item(),
                                order[i].tolist())
         torch.testing.assert_close(out[i], want, atol=1e-6, rtol=0)
 
@@ -304,7 +305,8 @@ def test_colour_jitter_range_and_grey_invariance():
     )
     grey_img = torch.rand(8, 1, 4, 4, generator=g).expand(-1, 3, -1, -1) * 0.5
     for form in ("byol", "torchvision"):
-        torch.testing.assert_close(augment(grey_img, [hue_only], g, jitter_form=form), grey_img, atol=1e-5, rtol=0)
+        torch.testing.assert_close(augment(grey_img, [hue_only], g, jitter_form=form), grey_img, atol=1e-5,
+                                   rtol=0)
 
 
 def test_blur():

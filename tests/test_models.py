@@ -129,7 +129,8 @@ def test_byol_network_details_and_their_switches(arch, last_bn):
     assert net.projector[3].bias is None and net.predictor[3].bias is None
     plain = build_network(arch, width=0.25, stem="cifar", hidden_dim=32, out_dim=16, zero_init_residual=False,
                           head_out_bias=True)
-    assert all(getattr(b, last_bn).weight.abs().sum() > 0 for b in (plain.encoder.layer1[0], plain.encoder.layer4[-1]))
+    assert all(getattr(b, last_bn).weight.abs().sum() > 0 for b in (plain.encoder.layer1[0],
+                                                                    plain.encoder.layer4[-1]))
     assert plain.projector[3].bias is not None and plain.predictor[3].bias is not None
     baseline = build_resnet(arch, 0.25, "cifar")
     assert getattr(baseline.layer1[0], last_bn).weight.abs().sum() > 0

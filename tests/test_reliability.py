@@ -54,7 +54,8 @@ def write_cifar(root: Path, batches: dict, *, kind="cifar10", protocol=2, names=
     with open(folder / meta, "wb") as f:
         pickle.dump({names_key: list(names)}, f, protocol=protocol)
     for name in files:
-        batch = batches.get(name, {b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072), labels_key: [0, 1]})
+        batch = batches.get(name, {b"data": np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072),
+                                   labels_key: [0, 1]})
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=protocol)
     return root
@@ -114,7 +115,9 @@ def test_torch_file_with_code_is_one_line_and_not_run(tmp_path, cli):
     evil = tmp_path / "evil.pth"
     torch.save({"conv1.weight": Marker(marker)}, evil)
     result = cli("eval", "features", f"torchvision:{evil}", "synthetic", *TINY_EVAL, "--workdir", tmp_path)
-    one_line_error(result, f"refused to load {evil}: it holds Python objects, not only tensors (it references io.open)")
+    one_line_error(result,
+                   f"refused to load {evil}: it holds Python objects, not only tensors (it references "
+                   "io.open)")
     assert "weights_only" not in result.err and not marker.exists()
     # The checkpoint reader shares the loader; a truncated file is one line too.
     (tmp_path / "cut.pt").write_bytes(evil.read_bytes()[:100])
@@ -140,13 +143,16 @@ def npz(tmp_path, name="d.npz", **overrides):
                                                 r"\(at most 100,000 classes without class_names\)"),
     (dict(y_train=np.array([0, 1, 2, 5]), class_names=np.array(["a", "b", "c"])),
      r"y_train: label 5 outside \[0, 3\) \(3 class_names\)"),
-    (dict(y_train=np.zeros((4, 2), int)), r"y_train: labels must be 1-D \(one per image\), found shape \(4, 2\)"),
+    (dict(y_train=np.zeros((4, 2), int)),
+     r"y_train: labels must be 1-D \(one per image\), found shape \(4, 2\)"),
     (dict(y_test=np.array([0.0, 1.7])), "y_test: labels must be integers, found float64"),
     (dict(y_test=np.array([0, -1])), r"y_test: label -1 outside \[0, "),
     (dict(y_train=np.array([0, 1])), "y_train: 4 images but 2 labels"),
-    (dict(x_train=np.zeros((4, 8, 8, 4), np.uint8)), r"x_train: images must be uint8 .*found uint8 \(4, 8, 8, 4\)"),
+    (dict(x_train=np.zeros((4, 8, 8, 4), np.uint8)),
+     r"x_train: images must be uint8 .*found uint8 \(4, 8, 8, 4\)"),
     (dict(x_test=np.zeros((2, 8, 8, 3), np.float32)), "x_test: images must be uint8"),
-    (dict(x_test=np.zeros((0, 8, 8, 3), np.uint8), y_test=np.zeros(0, int)), r"x_test: no images \(shape \(0, 8, 8, 3\)\)"),
+    (dict(x_test=np.zeros((0, 8, 8, 3), np.uint8), y_test=np.zeros(0, int)),
+     r"x_test: no images \(shape \(0, 8, 8, 3\)\)"),
 ])
 def test_npz_labels_and_images_are_validated(tmp_path, overrides, message):
     with pytest.raises(RelicError, match=message):
@@ -160,8 +166,10 @@ def test_npz_keras_style_column_labels_still_load(tmp_path):
 
 @pytest.mark.parametrize(("batch", "message"), [
     ({b"data": np.zeros((20, 3072), np.uint8), b"labels": [0] * 12}, "data_batch_4: 20 images but 12 labels"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}, r"data_batch_4: label -1 outside \[0, 2\)"),
-    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.0, 1.5]}, "data_batch_4: labels must be integers"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]},
+     r"data_batch_4: label -1 outside \[0, 2\)"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.0, 1.5]},
+     "data_batch_4: labels must be integers"),
     ({b"data": np.zeros((3, 4096), np.uint8), b"labels": [0, 1, 0, 1]},
      r"data_batch_4: data must be uint8 \(N, 3072\) \(32x32 RGB\), found uint8 \(3, 4096\)"),
     ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "data_batch_4: data must be uint8"),
@@ -215,7 +223,8 @@ def test_payloads_are_hashed_once_per_process_and_rehashed_when_changed(tmp_path
 # 7, 8, 9: full disk, failed starts
 
 
-H5PY_ENOSPC = ("[Errno 28] Unable to synchronously create file (file write failed: time = Wed Dec  2 10:24:47 "
+H5PY_ENOSPC = ("[Errno 28] Unable to synchronously create file (file write failed: time = Wed Dec  2 "
+               "10:24:47 "
                "2026\n, filename = '{}', file descriptor = 3, errno = 28, error message = 'No space left on "
                "device', buf = 0x55fd0c38a3d8, total write size = 96, bytes this sub-write = 96, offset = 0)")
 
@@ -238,7 +247,8 @@ def test_atomic_write_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(RelicError, match=f"^no space left on device writing {target}; free some space and rerun$"):
+    with pytest.raises(RelicError,
+                       match=f"^no space left on device writing {target}; free some space and rerun$"):
         artifacts.atomic_write(target, write)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     artifacts.atomic_write(target, lambda f: torch.save({"w": torch.ones(2)}, f))
@@ -276,7 +286,8 @@ def test_truncated_jpeg_is_named_or_skipped_and_counted(tmp_path, cli):
         for split in ("train", "test"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(n):
-                cv2.imwrite(str(tmp_path / split / c / f"{i}.jpg"), rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+                cv2.imwrite(str(tmp_path / split / c / f"{i}.jpg"), rng.integers(0, 255, (16, 16, 3),
+                                                                                 dtype=np.uint8))
     bad = tmp_path / "train" / "cat" / "1.jpg"
     bad.write_bytes(bad.read_bytes()[:-200])
     result = cli("data", "info", f"imagefolder:{tmp_path}")
@@ -303,7 +314,8 @@ def test_version_is_printed_without_importing_torch(cli):
     result = cli("--version")
     assert result.code == 0 and result.out == f"{__version__}\n"
     code = ("import sys; sys.argv = ['relicv2', '--version']; from relicv2_cli.cli import main\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'")
+            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch "
+            "imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0 and out.stdout == f"{__version__}\n", out.stderr
