@@ -52,7 +52,8 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    pass
+    """--debug is declared here for parsing and --help; main() reads it from sys.argv, which also
+    covers errors raised before Typer parses (importing the stages)."""
 
 
 @data_app.command("info")
