@@ -50,6 +50,7 @@ class ViewConfig:
     small_scale: tuple[float, float] = (0.05, 0.14)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     mask_prob: float = 0.1
+    mask_min_area: float = 0.05  # a mask with less foreground than this (area fraction) is not applied
     blur: bool = True  # False disables blur entirely (usual at 32 px)
     jitter: str = "byol"  # colour jitter semantics: "byol" (BYOL's released code) or "torchvision"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -358,11 +359,12 @@ def make_views(
     generator: torch.Generator,
     masks: torch.Tensor | None = None,
 ) -> Views:
-    """The multi-crop views of method.md section 1 for a uint8 batch (B, 3, H, W).
+    """The multi-crop views of docs/method.md for a uint8 batch (B, 3, H, W).
 
     Large crop i: with probability cfg.mask_prob (per sample and per crop) the source is the full
     image times its saliency mask (background black) BEFORE cropping; masks (B, H, W), nonzero =
-    foreground. Small crops are never masked. Large crop i uses cfg.presets[i % 2], small crops
+    foreground; images whose mask covers less than cfg.mask_min_area are never masked. Small crops
+    are never masked. Large crop i uses cfg.presets[i % 2], small crops
     cfg.small_preset. Returns normalised float views on the images' device.
     """
     b, _, h, w = images.shape
@@ -375,7 +377,9 @@ def make_views(
     if masks is not None and cfg.mask_prob > 0 and L > 0:
         if masks.shape != (b, h, w):
             raise ValueError(f"masks shape {tuple(masks.shape)} does not match images {(b, h, w)}")
-        masked = _rand((L, b), generator, dev) < cfg.mask_prob
+        # An (almost) empty mask would black out the whole crop: such images keep their background.
+        enough = (masks != 0).flatten(1).float().mean(1) >= cfg.mask_min_area
+        masked = (_rand((L, b), generator, dev) < cfg.mask_prob) & enough
         # Crop from [images; masked images]: a masked sample just points its box at the second half.
         source = torch.cat([x, x * (masks != 0).unsqueeze(1).to(x.dtype)])
         offset = b

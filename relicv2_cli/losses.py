@@ -68,8 +68,9 @@ def relic_loss(
     online_pool: torch.Tensor | None = None,
     offset: int = 0,
     global_rows: bool = False,
+    swapped: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Stats]:
-    """RELICv2 loss l(online, target, n_e), method.md section 2.
+    """RELICv2 loss l(online, target, n_e), docs/method.md.
 
     online a (B, D) and target b (B, D) are L2-normalised here. For anchor i the candidates are
     C_i = {i} + N_i (positive first), N_i = n_negatives random other rows of the target pool.
@@ -77,6 +78,9 @@ def relic_loss(
     loss = mean_i [alpha * (-log p_i[positive]) + beta * KL(p_i || q_i)].
     target_pool / online_pool: all-gathered (global) embeddings to draw candidates from; this
     rank's rows sit at offset..offset+B. Default: the local tensors. global_rows: see sample_negatives.
+    swapped = (online', target'): the second reading of q (RELIC's, `--kl-form swapped-views`): the two
+    views exchanged, q_i = softmax_j <a'_i, b'_j>/tau over the same candidates, where a' (B, D) is the
+    online embedding of the target's view and b' (pool, D) the target embedding of the online's view.
     """
     # fp32 for the softmax whatever the autocast dtype; the target never gets a gradient.
     a = F.normalize(at_least_fp32(online), dim=1)
@@ -89,7 +93,17 @@ def relic_loss(
     neg = sample_negatives(a.shape[0], n_negatives, generator, a.device, offset, b_pool.shape[0], global_rows)
     pos = (a * b).sum(1, keepdim=True) / tau  # <a_i, b_i>: shared by p and q
     logits_p = torch.cat([pos, torch.einsum("bd,bkd->bk", a, b_pool[neg]) / tau], dim=1)
-    logits_q = torch.cat([pos.detach(), torch.einsum("bd,bkd->bk", b, a_pool[neg]) / tau], dim=1)
+    if swapped is None:  # target anchor b_i against the online embeddings of the same candidates
+        q_anchor, q_pool, q_pos = b, a_pool, pos.detach()
+    else:
+        q_anchor = F.normalize(at_least_fp32(swapped[0].detach()), dim=1)
+        q_pool = F.normalize(at_least_fp32(swapped[1].detach()), dim=1)
+        if q_pool.shape != b_pool.shape:
+            raise ValueError(f"swapped target {tuple(q_pool.shape)} and target_pool "
+                             f"{tuple(b_pool.shape)} differ")
+        rows = torch.arange(a.shape[0], device=a.device) + offset
+        q_pos = (q_anchor * q_pool[rows]).sum(1, keepdim=True) / tau
+    logits_q = torch.cat([q_pos, torch.einsum("bd,bkd->bk", q_anchor, q_pool[neg]) / tau], dim=1)
 
     log_p = F.log_softmax(logits_p, dim=1)
     log_q = F.log_softmax(logits_q, dim=1)  # detached: no gradient through the second view

@@ -96,6 +96,21 @@ def test_no_masking_when_prob_zero_or_no_masks():
             torch.testing.assert_close(v, torch.ones_like(v))
 
 
+def test_empty_or_tiny_masks_are_not_applied():
+    images, masks = _white_with_left_mask(b=6)
+    masks[0] = 0  # empty (saliency found nothing)
+    masks[1] = 0
+    masks[1, :2, :2] = 1  # 4 of 256 pixels: below the default 5%
+    cfg = _plain_cfg(large_size=16, small_size=8, large_scale=(1.0, 1.0), ratio=(1.0, 1.0), mask_prob=1.0)
+    views = make_views(images, cfg, torch.Generator().manual_seed(0), masks)
+    assert views.masked[:, :2].sum() == 0 and views.masked[:, 2:].all()
+    for v in views.large:
+        torch.testing.assert_close(v[:2], torch.ones_like(v[:2]))  # no black crop
+    everything = make_views(images, _plain_cfg(large_size=16, small_size=8, mask_prob=1.0, mask_min_area=0.0),
+                            torch.Generator().manual_seed(0), masks)
+    assert everything.masked.all()  # --mask-min-area 0: the old behaviour
+
+
 def test_masking_per_sample_and_per_crop():
     images, masks = _white_with_left_mask(b=64)
     cfg = _plain_cfg(

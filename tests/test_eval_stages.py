@@ -73,6 +73,9 @@ def test_linear_augment_protocol(tmp_path, cli):
     assert art.metrics["steps"] == 3 and 0 <= art.metrics["top1"] <= 1
     lines = [json.loads(x) for x in (art.path / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["step"] == 1 and lines[-1]["step"] == 3
+    # --lr is a base rate per 256 images (the release's 0.3 means 1.2 at batch 1024): 0.3 * 64 / 256 at
+    # step 0 of the cosine schedule.
+    assert lines[0]["lr"] == pytest.approx(0.3 * 64 / 256)
 
 
 def test_bad_input_writes_nothing(tmp_path, cli):

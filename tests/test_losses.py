@@ -17,9 +17,10 @@ def _dot(u, v):
 
 
 def reference_relic(
-    online, target, negatives, tau, alpha, beta, online_pool=None, target_pool=None, offset=0
+    online, target, negatives, tau, alpha, beta, online_pool=None, target_pool=None, offset=0, swapped=None
 ):
-    """method.md section 2 with plain Python floats, one anchor at a time."""
+    """docs/method.md's loss with plain Python floats, one anchor at a time. swapped = (online of the
+    target's view, target of the online's view): q from the two views exchanged."""
     a = [_unit(r) for r in online.tolist()]
     b = [_unit(r) for r in target.tolist()]
     a_pool = [_unit(r) for r in (online_pool if online_pool is not None else online).tolist()]
@@ -28,7 +29,12 @@ def reference_relic(
     for i, negs in enumerate(negatives.tolist()):
         # candidate 0 is the positive (local row i), then the sampled negatives
         s = [_dot(a[i], b[i]) / tau] + [_dot(a[i], b_pool[j]) / tau for j in negs]
-        t = [_dot(b[i], a[i]) / tau] + [_dot(b[i], a_pool[j]) / tau for j in negs]
+        if swapped is None:
+            t = [_dot(b[i], a[i]) / tau] + [_dot(b[i], a_pool[j]) / tau for j in negs]
+        else:
+            a2 = _unit(swapped[0][i].tolist())
+            b2 = [_unit(r) for r in swapped[1].tolist()]
+            t = [_dot(a2, b2[offset + i]) / tau] + [_dot(a2, b2[j]) / tau for j in negs]
         zp = sum(math.exp(x) for x in s)
         zq = sum(math.exp(x) for x in t)
         p = [math.exp(x) / zp for x in s]
@@ -172,6 +178,37 @@ def test_relic_loss_with_global_pool_and_offset():
         target_g,
     )
     assert full.item() == pytest.approx(ref_full, rel=1e-5)
+
+
+def test_relic_loss_swapped_views_kl_matches_hand_computation():
+    # --kl-form swapped-views: q is online(view of the target) against target(view of the online).
+    torch.manual_seed(1)
+    online, target = torch.randn(5, 3), torch.randn(5, 3)
+    online_other, target_other = torch.randn(5, 3), torch.randn(5, 3)
+    loss, stats = relic_loss(online, target, n_negatives=3, tau=0.3, alpha=1.0, beta=1.0,
+                             generator=torch.Generator().manual_seed(2), swapped=(online_other, target_other))
+    negatives = sample_negatives(5, 3, torch.Generator().manual_seed(2), "cpu")
+    ref, ref_c, ref_kl = reference_relic(online, target, negatives, 0.3, 1.0, 1.0,
+                                         swapped=(online_other, target_other))
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert stats["kl"].item() == pytest.approx(ref_kl, rel=1e-5)
+    default, default_stats = relic_loss(online, target, n_negatives=3, tau=0.3,
+                                        generator=torch.Generator().manual_seed(2))
+    assert default_stats["contrastive"].item() == pytest.approx(ref_c, rel=1e-5)  # same p, other q
+    assert abs(default_stats["kl"].item() - ref_kl) > 1e-3
+    # A pair of one view with itself (i == j, kept by RELICv2) is its own swap: q = p, no KL.
+    same, same_stats = relic_loss(online, target, n_negatives=3, tau=0.3,
+                                  generator=torch.Generator().manual_seed(2), swapped=(online, target))
+    assert same_stats["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    # Pools: the swapped target comes from the same global pool rows as the candidates.
+    pool_t, pool_o, pool_swapped = torch.randn(9, 3), torch.randn(9, 3), torch.randn(9, 3)
+    pooled, _ = relic_loss(online, target, n_negatives=3, tau=0.3, target_pool=pool_t, online_pool=pool_o,
+                           offset=4, generator=torch.Generator().manual_seed(2),
+                           swapped=(online_other, pool_swapped))
+    negatives = sample_negatives(5, 3, torch.Generator().manual_seed(2), "cpu", offset=4, pool=9)
+    ref_pooled = reference_relic(online, target, negatives, 0.3, 1.0, 1.0, online_pool=pool_o,
+                                 target_pool=pool_t, offset=4, swapped=(online_other, pool_swapped))
+    assert pooled.item() == pytest.approx(ref_pooled[0], rel=1e-5)
 
 
 def test_sample_negatives_basic_properties():

@@ -162,7 +162,8 @@ def command(
     epochs: Annotated[float, typer.Option(help="augment protocol: passes over train.")] = 100.0,
     max_steps: options.MaxSteps = None,
     lr: Annotated[float, typer.Option(
-        help="augment protocol: SGD learning rate, cosine-decayed to 0, used as is.")] = 0.3,
+        help="augment protocol: SGD base learning rate per 256 images (x batch/256), cosine-decayed to "
+             "0.")] = 0.3,
     momentum: Annotated[float, typer.Option(help="augment protocol: Nesterov momentum.")] = 0.9,
     crop_min_scale: Annotated[float, typer.Option(
         help="augment protocol: smallest crop area fraction.")] = 0.08,

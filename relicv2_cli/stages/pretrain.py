@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from relicv2_cli import artifacts, distributed, options
-from relicv2_cli.augment import ViewConfig, make_views
+from relicv2_cli.augment import JITTERS, ViewConfig, make_views
 from relicv2_cli.checkpoint import Checkpoint
 from relicv2_cli.data import Dataset, load_dataset
 from relicv2_cli.errors import RelicError
@@ -41,6 +41,8 @@ from relicv2_cli.optim import OPTIMIZERS, build_optimizer, lr_at, scaled_lr
 from relicv2_cli.saliency import open_masks
 
 METHODS = ("relicv2", "byol", "supervised")
+KL_FORMS = ("target-anchor", "swapped-views")
+BN_STATS = ("per-view", "joint")
 PRECISIONS = (*options.PRECISIONS, "fp64")  # fp64: exactness checks (tests), slow
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
@@ -70,6 +72,9 @@ class PretrainConfig:
     proj_hidden: int = 4096
     proj_dim: int = 256
     predictor: bool = True
+    zero_init_residual: bool = True  # BYOL's ResNet: each residual block starts as the identity
+    head_bias: bool = False  # BYOL's MLP heads: no bias in the last Linear
+    bn_stats: str = "per-view"  # BYOL: BatchNorm statistics of each view on its own
     # views
     large_crops: int = 2
     small_crops: int = 2
@@ -78,12 +83,15 @@ class PretrainConfig:
     large_scale_min: float = 0.08
     small_scale: tuple[float, float] = (0.05, 0.14)
     mask_prob: float = 0.1
+    mask_min_area: float = 0.05
     blur: bool = False
+    jitter: str = "byol"
     # loss
     n_negatives: int = 10
     tau: float = 0.2
     alpha: float = 1.0
     beta: float = 1.0
+    kl_form: str = "target-anchor"
     # optimisation
     optimizer: str = "lars"
     batch_size: int = 256
@@ -186,11 +194,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         cfg=cfg, device=dev, dataset=dataset, masks=masks, parents=parents,
         images=torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous().to(dev),
         labels=torch.from_numpy(dataset.train.labels).to(dev),
-        views=ViewConfig(
-            large_crops=cfg.large_crops, small_crops=cfg.small_crops if cfg.method != "supervised" else 0,
-            large_size=cfg.large_size, small_size=cfg.small_size, large_scale=(cfg.large_scale_min, 1.0),
-            small_scale=tuple(cfg.small_scale), mask_prob=cfg.mask_prob, blur=cfg.blur,
-        ),
+        views=view_config(cfg),
         online=online, target=target, probe=probe,
         optimizer=build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay, lars_eta=cfg.lars_eta),
         probe_optimizer=torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0),
@@ -201,10 +205,20 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     )
 
 
+def view_config(cfg: PretrainConfig) -> ViewConfig:
+    return ViewConfig(
+        large_crops=cfg.large_crops, small_crops=cfg.small_crops if cfg.method != "supervised" else 0,
+        large_size=cfg.large_size, small_size=cfg.small_size, large_scale=(cfg.large_scale_min, 1.0),
+        small_scale=tuple(cfg.small_scale), mask_prob=cfg.mask_prob, mask_min_area=cfg.mask_min_area,
+        blur=cfg.blur, jitter=cfg.jitter,
+    )
+
+
 def _networks(cfg: PretrainConfig, num_classes: int, dev: torch.device, ddp: distributed.DistContext):
     """(online, target, probe) on `dev`, BatchNorm synchronised over processes."""
     online = build_network(cfg.arch, cfg.width, cfg.stem, cfg.proj_hidden, cfg.proj_dim,
-                           predictor=cfg.predictor and cfg.method != "supervised").to(dev)
+                           predictor=cfg.predictor and cfg.method != "supervised",
+                           zero_init_residual=cfg.zero_init_residual, head_out_bias=cfg.head_bias).to(dev)
     if cfg.method == "supervised":
         online.projector = nn.Linear(online.encoder.feature_dim, num_classes).to(dev)
     target = make_target(online).to(dev) if cfg.method != "supervised" else None
@@ -267,40 +281,63 @@ def _loss(cfg, online, target, views, labels, generator, dev, ddp=None):
     probe, embeddings for the collapse monitor). With several processes (`ddp`), RELICv2 draws
     negatives from the all-gathered global batch: every view's embeddings are gathered once."""
     L, S = len(views.large), len(views.small)
-    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-    large = torch.cat(views.large).to(dtype)
-    if dev.type == "cuda":
-        large = large.contiguous(memory_format=torch.channels_last)
+    swapped = cfg.method == "relicv2" and cfg.kl_form == "swapped-views"
     with autocast(dev, cfg.precision):
-        features, projection, prediction = online(large)
+        features, projection, prediction = _forward(cfg, online, views.large, dev)
         if cfg.method == "supervised":
             return F.cross_entropy(at_least_fp32(projection), labels.repeat(L)), {}, features, features
-        small_pred = online(torch.cat(views.small).to(dtype))[2] if S else None
+        small_pred = _forward(cfg, online, views.small, dev)[2] if S else None
         with torch.no_grad():
-            target_proj = target(large)[1]
+            target_proj = _forward(cfg, target, views.large, dev)[1]
+            # the swapped-views KL needs the target embedding of every online view, small ones included
+            small_target = _forward(cfg, target, views.small, dev)[1] if S and swapped else None
     online_views = list(at_least_fp32(prediction).chunk(L))
     online_views += list(at_least_fp32(small_pred).chunk(S)) if S else []
     target_views = list(at_least_fp32(target_proj).chunk(L))
+    target_views += list(at_least_fp32(small_target).chunk(S)) if small_target is not None else []
     if cfg.method != "relicv2":
-        loss, stats = multicrop_loss(lambda o, t: (byol_loss(o, t), {}), online_views[:L], online_views[L:],
-                                     target_views, include_same_view=False)
+        loss, stats = multicrop_loss(lambda o, t: (byol_loss(o[0], t[0]), {}), _tagged(online_views[:L]),
+                                     _tagged(online_views[L:], L), _tagged(target_views),
+                                     include_same_view=False)
         return loss, stats, features, projection
 
     pools = ddp.gather(online_views + target_views) if ddp is not None else None  # None on one process
     where = {} if pools is None else {"offset": ddp.rank * len(labels),
                                       "global_rows": ddp.sampling == "global"}
     pools = pools or [None] * (len(online_views) + len(target_views))
+    online_tagged = _tagged(online_views, 0, pools[:len(online_views)])
+    target_tagged = _tagged(target_views, 0, pools[len(online_views):])
 
-    def pair(o, t):  # o, t: (embeddings, their global pool or None)
+    def pair(o, t):  # (embeddings, their global pool or None, view index)
+        kl = None
+        if swapped:  # online embedding of t's view against the target embeddings of o's view
+            of_o = target_tagged[o[2]]
+            kl = (online_views[t[2]], of_o[1] if of_o[1] is not None else of_o[0])
         return relic_loss(o[0], t[0], cfg.n_negatives, cfg.tau, cfg.alpha, cfg.beta, generator=generator,
-                          target_pool=t[1], online_pool=o[1], **where)
+                          target_pool=t[1], online_pool=o[1], swapped=kl, **where)
 
-    n = len(online_views)
-    online_pairs = list(zip(online_views, pools[:n], strict=True))
-    target_pairs = list(zip(target_views, pools[n:], strict=True))
-    loss, stats = multicrop_loss(pair, online_pairs[:L], online_pairs[L:], target_pairs,
+    loss, stats = multicrop_loss(pair, online_tagged[:L], online_tagged[L:], target_tagged[:L],
                                  include_same_view=True)
     return loss, stats, features, projection
+
+
+def _forward(cfg, net, views: list[torch.Tensor], dev) -> tuple[torch.Tensor, ...]:
+    """net on a list of same-size views, outputs concatenated in view order. --bn-stats per-view runs
+    each view on its own (BatchNorm statistics per view, as BYOL), joint runs them as one batch."""
+    dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    xs = [v.to(dtype) for v in views]
+    if dev.type == "cuda":
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    if cfg.bn_stats == "joint":
+        return net(torch.cat(xs))
+    outputs = [net(x) for x in xs]
+    return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
+
+
+def _tagged(embeddings: list, first: int = 0, pools: list | None = None) -> list[tuple]:
+    """(embeddings, pool, view index) per view, for the pair loop."""
+    pools = pools if pools is not None else [None] * len(embeddings)
+    return [(e, p, first + k) for k, (e, p) in enumerate(zip(embeddings, pools, strict=True))]
 
 
 def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -485,6 +522,11 @@ def _check_config(cfg: PretrainConfig) -> None:
     check_network(cfg.arch, cfg.width, cfg.stem)
     options.check_choice("--optimizer", cfg.optimizer, OPTIMIZERS)
     options.check_choice("--precision", cfg.precision, PRECISIONS)
+    options.check_choice("--kl-form", cfg.kl_form, KL_FORMS)
+    options.check_choice("--bn-stats", cfg.bn_stats, BN_STATS)
+    options.check_choice("--jitter", cfg.jitter, JITTERS)
+    if not 0 <= cfg.mask_min_area <= 1:
+        raise RelicError(f"--mask-min-area must be in [0, 1], got {cfg.mask_min_area}")
     if cfg.large_crops < 1 or cfg.small_crops < 0:
         raise RelicError("need --large-crops >= 1 and --small-crops >= 0")
     if cfg.method == "byol" and cfg.large_crops < 2:
@@ -541,6 +583,12 @@ def command(
     proj_hidden: Annotated[int, _opt("Projector/predictor hidden size.")] = D.proj_hidden,
     proj_dim: Annotated[int, _opt("Projector/predictor output size.")] = D.proj_dim,
     predictor: Annotated[bool, _opt("Use a predictor on the online side.")] = D.predictor,
+    zero_init_residual: Annotated[bool, _opt("Zero-init the last BatchNorm scale of each residual block "
+                                             "(BYOL).")] = D.zero_init_residual,
+    head_bias: Annotated[bool, _opt("Bias in the last Linear of projector and predictor (BYOL: "
+                                    "none).")] = D.head_bias,
+    bn_stats: Annotated[str, _opt("per-view (BatchNorm statistics of each view on its own, BYOL) or joint "
+                                  "(all views of a size as one batch).")] = D.bn_stats,
     large_crops: Annotated[int, _opt("L, large crops per image (online and target).")] = D.large_crops,
     small_crops: Annotated[int,
                            _opt("S, small crops per image (online only, never masked).")] = D.small_crops,
@@ -551,11 +599,18 @@ def command(
     small_scale_max: Annotated[float, _opt("Largest area fraction of a small crop.")] = D.small_scale[1],
     mask_prob: Annotated[float,
                          _opt("p_m, probability that a large crop is background-removed.")] = D.mask_prob,
+    mask_min_area: Annotated[float, _opt("Masks covering less than this area fraction are not "
+                                         "applied.")] = D.mask_min_area,
     blur: Annotated[bool, _opt("Gaussian blur in the views.")] = D.blur,
+    jitter: Annotated[str, _opt("Colour jitter semantics: byol (its released code) or "
+                                "torchvision (ColorJitter).")] = D.jitter,
     n_negatives: Annotated[int, _opt("n_e, random negatives per anchor.")] = D.n_negatives,
     tau: Annotated[float, _opt("Temperature of the similarity softmax.")] = D.tau,
     alpha: Annotated[float, _opt("Weight of the contrastive term.")] = D.alpha,
     beta: Annotated[float, _opt("Weight of the KL invariance term.")] = D.beta,
+    kl_form: Annotated[str, _opt("KL's second distribution: target-anchor (target anchor against "
+                                 "online candidates) or swapped-views (RELIC: the two views "
+                                 "exchanged).")] = D.kl_form,
     optimizer: Annotated[str, _opt("lars, sgd or adamw.")] = D.optimizer,
     batch_size: options.BatchSize = D.batch_size,
     epochs: options.Epochs = D.epochs,
