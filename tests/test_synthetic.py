@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from relicv2_cli.data.synthetic import CLASS_NAMES, generate_synthetic
+from relicv2_cli.data.synthetic import CLASS_NAMES, PATTERN_NAMES, generate_synthetic
 
 KEYS = ("x_train", "y_train", "m_train", "x_test", "y_test", "m_test")
 
@@ -137,3 +137,19 @@ def test_shape_defines_the_class(data):
     centroids = np.stack([f_train[y == k].mean(axis=0) for k in range(len(CLASS_NAMES))])
     pred = ((f_test[:, None, :] - centroids[None]) ** 2).sum(axis=-1).argmin(axis=1)
     assert (pred == data["y_test"]).mean() > 0.6
+
+
+def test_each_class_has_its_pattern(data):
+    """Objects are painted in two colours (red, blue); the share of the less frequent colour among
+    an object's pixels is ~0 for the plain class and 0.25-0.5 for the patterned ones (by geometry:
+    dots cover 28% of their lattice, a rim 27% of a ring, halves and stripes 50%)."""
+    x, y, m = data["x_train"].astype(np.float64), data["y_train"], data["m_train"].astype(bool)
+    red = x[..., 0] > x[..., 2]
+    share = (red & m).sum(axis=(1, 2)) / m.sum(axis=(1, 2))
+    minority = np.minimum(share, 1 - share)
+    for k, pattern in enumerate(PATTERN_NAMES):
+        mean = minority[y == k].mean()
+        if pattern == "solid":
+            assert mean < 0.05, CLASS_NAMES[k]
+        else:
+            assert 0.15 < mean < 0.55, (CLASS_NAMES[k], pattern, mean)

@@ -1,13 +1,16 @@
-"""The embedded default dataset: ten shape classes on cluttered backgrounds, made from a seed.
+"""The embedded default dataset: ten classes of patterned shapes, made from a seed.
 
 Why it exists: the toolkit must run end to end with no download, and saliency methods need a
-ground-truth foreground mask to be scored against. The class is carried by the object's SHAPE
-only: colour, texture, area, rotation, mirroring and position are drawn independently of the
-class, so an encoder has to learn shape to separate the classes.
+ground-truth foreground mask to be scored against. The class is carried by the object's SHAPE and
+its surface PATTERN (each class has its own of both), i.e. by what random crops and colour jitter
+teach a self-supervised encoder. Colour, area, rotation, mirroring and position are drawn
+independently of the class. Every object is painted in the same two colours (random order and
+brightness): with free colours, instance discrimination is solved by colour alone and short
+self-supervised runs stay at chance (docs/data.md).
 
-How: backgrounds and object textures are computed for a chunk of images at once with numpy;
-each object (and a few distractor strokes) is drawn with OpenCV at 2-4x resolution and reduced
-with INTER_AREA, which gives anti-aliased edges and the object's coverage at final resolution.
+How: backgrounds and object patterns are computed for a chunk of images at once with numpy; each
+object's footprint (and a couple of distractor strokes) is drawn with OpenCV at 2-4x resolution and
+reduced with INTER_AREA, which gives anti-aliased edges and the object's coverage at final resolution.
 """
 
 from __future__ import annotations
@@ -30,14 +33,24 @@ CLASS_NAMES: list[str] = [
     "bars",
 ]
 
+# Each class also has its own surface pattern (the pattern of class k is PATTERN_NAMES[k]), drawn in
+# the object's frame so it turns, mirrors and scales with the object.
+PATTERN_NAMES: list[str] = ["dots", "checks", "stripes", "solid", "sectors", "rim", "halves", "zigzag",
+                            "grid", "rings"]
+
+# The two colours of every object (see the module docstring); colour jitter covers the brightness.
+_PALETTE = np.array([(220.0, 70.0, 50.0), (40.0, 110.0, 230.0)])
+_GAIN_RANGE = (0.6, 1.2)
+_PERIOD = 0.6  # pattern period in units of the object's circumscribed radius
 # Object area as a fraction of the image area, drawn the same way for every class, so the area
 # of the object says nothing about its class. The size of the shape's circumscribed circle then
-# follows from the shape (a star is wider than a disc of the same area) and is clipped to
-# _SPAN_RANGE, i.e. roughly 35-70% of the image side for the bounding box.
-_AREA_RANGE = (0.07, 0.17)
-_SPAN_RANGE = (0.30, 0.80)
-_MAX_DISTRACTORS = 4
-_MIN_CONTRAST = 40.0  # min RGB distance between mean object colour and mean background colour
+# follows from the shape (a star is wider than a disc of the same area); _SPAN_RANGE only guards
+# the extremes (diameter as a fraction of the image side).
+_AREA_RANGE = (0.20, 0.35)
+_SPAN_RANGE = (0.40, 1.20)
+_MAX_DISTRACTORS = 2
+_BG_TINT = 0.1  # backgrounds are grey levels with this much of a random colour mixed in
+_BG_NOISE = 20.0  # largest amplitude of the coarse background blotches (0-255 scale)
 _CHUNK = 256  # images per vectorised chunk at 32 px (scaled by area for other sizes)
 _SHIFT = 3  # OpenCV fixed-point bits for sub-pixel polygon vertices
 _SPLIT_IDS = {"train": 0, "test": 1}
@@ -161,37 +174,63 @@ def _ramp(b: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _backgrounds(b: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Colour gradient plus noise at three scales: smooth but busy, like out-of-focus scenery."""
-    # Muted colours (pulled towards a random grey level) look more natural than uniform RGB.
+    """A muted colour gradient with faint coarse blotches: plain, so the object's pattern stands out."""
     grey = rng.uniform(40, 215, (b, 1))
-    c0 = (0.55 * rng.uniform(0, 255, (b, 3)) + 0.45 * grey).astype(np.float32)
-    c1 = (0.55 * rng.uniform(0, 255, (b, 3)) + 0.45 * grey).astype(np.float32)
+    c0 = (_BG_TINT * rng.uniform(0, 255, (b, 3)) + (1 - _BG_TINT) * grey).astype(np.float32)
+    c1 = (_BG_TINT * rng.uniform(0, 255, (b, 3)) + (1 - _BG_TINT) * grey).astype(np.float32)
     t = _ramp(b, size, rng)[..., None]
     bg = c0[:, None, None] * (1 - t) + c1[:, None, None] * t  # (B, H, W, 3)
-    # Coarse colour blotches, medium brightness texture, fine grain.
-    for g, amp_hi, per_channel in ((3, 35.0, True), (7, 25.0, False), (14, 14.0, False)):
-        amp = rng.uniform(0.0, amp_hi, (b, 1, 1, 1)).astype(np.float32)
-        grid = rng.standard_normal((b, g, g, 3 if per_channel else 1))
-        bg = bg + amp * _smooth_upsample(grid, size)
+    amp = rng.uniform(0.0, _BG_NOISE, (b, 1, 1, 1)).astype(np.float32)
+    bg = bg + amp * _smooth_upsample(rng.standard_normal((b, 3, 3, 3)), size)
     return bg.astype(np.float32)
 
 
-def _object_textures(b: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(B, H, W, 3) object appearance over the whole frame: solid, stripes or noise-modulated."""
-    c1 = rng.uniform(0, 255, (b, 3)).astype(np.float32)
-    c2 = np.clip(c1 + rng.normal(0.0, 70.0, (b, 3)), 0, 255).astype(np.float32)
-    kind = rng.integers(0, 3, b)  # 0 solid, 1 stripes, 2 noise
-    # Stripes: 2.5-6 periods across the image, sharpened sine so edges are crisp but smooth.
-    freq = rng.uniform(2.5, 6.0, b).astype(np.float32)
-    phase = rng.uniform(0.0, 2.0 * math.pi, b).astype(np.float32)
-    ramp = _ramp(b, size, rng)
-    stripes = np.clip(2.5 * np.sin(2 * math.pi * freq[:, None, None] * ramp + phase[:, None, None]),
-                      -1, 1) * 0.5 + 0.5
-    noise = np.clip(0.5 + 0.45 * _smooth_upsample(rng.standard_normal((b, 6, 6, 1)), size)[..., 0],
-                    0, 1)
-    w = np.where((kind == 1)[:, None, None], stripes, noise)
-    w = np.where((kind == 0)[:, None, None], 0.0, w)[..., None]
-    return c1[:, None, None] * (1 - w) + c2[:, None, None] * w
+def _square_wave(s: np.ndarray) -> np.ndarray:
+    """Sharpened sine in [0, 1]: crisp two-tone bands whose edges stay anti-aliased at 32 px."""
+    return np.clip(2.5 * s, -1.0, 1.0) * 0.5 + 0.5
+
+
+def _patterns(labels: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(B, H, W) weight of the second colour in each image's class pattern, in object coordinates
+    (u, v) in units of the circumscribed radius, so the pattern turns and scales with the object."""
+    two_pi = 2.0 * math.pi
+    p = _PERIOD
+    r = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    out = np.zeros_like(u)
+    for k, name in enumerate(PATTERN_NAMES):
+        sel = labels == k
+        if not sel.any():
+            continue
+        uu, vv, rr, th = u[sel], v[sel], r[sel], theta[sel]
+        if name == "solid":
+            w = np.zeros_like(uu)
+        elif name == "stripes":
+            w = _square_wave(np.sin(two_pi * uu / p))
+        elif name == "checks":
+            w = _square_wave(np.sin(two_pi * uu / p) * np.sin(two_pi * vv / p) * 2.0)
+        elif name == "dots":
+            du = uu / p - np.round(uu / p)
+            dv = vv / p - np.round(vv / p)
+            w = np.clip((0.3 - np.hypot(du, dv)) * 8.0 + 0.5, 0.0, 1.0)
+        elif name == "rings":
+            w = _square_wave(np.sin(two_pi * rr / p))
+        elif name == "sectors":
+            w = _square_wave(np.sin(4.0 * th))
+        elif name == "halves":
+            w = np.clip(vv * 8.0 + 0.5, 0.0, 1.0)
+        elif name == "zigzag":
+            w = _square_wave(np.sin(two_pi * (vv + np.abs((uu / p) % 1.0 - 0.5) * p) / p))
+        elif name == "grid":
+            gu = np.abs(uu / p - np.round(uu / p))
+            gv = np.abs(vv / p - np.round(vv / p))
+            w = np.clip((0.15 - np.minimum(gu, gv)) * 8.0 + 0.5, 0.0, 1.0)
+        elif name == "rim":
+            w = np.clip((rr - 0.7) * 8.0 + 0.5, 0.0, 1.0)
+        else:
+            raise AssertionError(name)
+        out[sel] = w
+    return out
 
 
 def _supersample(size: int) -> int:
@@ -206,54 +245,51 @@ def _render_chunk(labels: np.ndarray, size: int, rng: np.random.Generator
                   ) -> tuple[np.ndarray, np.ndarray]:
     b = len(labels)
     bg = _backgrounds(b, size, rng)
-    tex = _object_textures(b, size, rng)
 
-    # Keep the object visible: push its mean colour away from the background's mean colour
-    # when they are closer than _MIN_CONTRAST (contrast is still often modest).
-    tex_mean = tex.mean(axis=(1, 2))
-    diff = tex_mean - bg.mean(axis=(1, 2))
-    dist = np.linalg.norm(diff, axis=1, keepdims=True)
-    direction = np.where(dist > 1e-3, diff / np.maximum(dist, 1e-3), 1 / math.sqrt(3))
-    push = np.maximum(_MIN_CONTRAST - dist, 0.0)
-    shift = np.where(tex_mean + direction * push > 255, -1.0, 1.0) * direction * push
-    tex = tex + shift[:, None, None, :].astype(np.float32)
-    tex_mean = tex_mean + shift
+    # The object's two colours: the palette in a random order, at a random brightness.
+    order = rng.random(b) < 0.5
+    gain = rng.uniform(*_GAIN_RANGE, (b, 1))
+    c1 = np.where(order[:, None], _PALETTE[0], _PALETTE[1]) * gain
+    c2 = np.where(order[:, None], _PALETTE[1], _PALETTE[0]) * gain
 
     # Object geometry: area fraction is class-independent, circumscribed radius follows.
     area = rng.uniform(*_AREA_RANGE, b)
     span = np.clip(np.sqrt(area / _FILL[labels]), *_SPAN_RANGE)
     radius = span * size / 2
-    lo = np.minimum(0.8 * radius, size / 2)  # up to 20% of the radius may leave the frame
+    lo = np.minimum(0.85 * radius, size / 2)  # up to 15% of the radius may leave the frame
     cx = rng.uniform(lo, size - lo)
     cy = rng.uniform(lo, size - lo)
     angle = rng.uniform(0.0, 2.0 * math.pi, b)
     mirror = rng.random(b) < 0.5
 
-    # Distractors: lines, open arcs and small blobs, none of them a class shape.
+    # Object coordinates of every pixel centre (inverse of _draw_shape's mapping).
+    pix = np.arange(size, dtype=np.float64) + 0.5
+    a = (pix[None, None, :] - cx[:, None, None]) / radius[:, None, None]
+    bb = -(pix[None, :, None] - cy[:, None, None]) / radius[:, None, None]
+    c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    u = np.where(mirror[:, None, None], -1.0, 1.0) * (a * c + bb * s)
+    v = -a * s + bb * c
+    w = _patterns(labels, u, v)[..., None].astype(np.float32)
+    tex = c1[:, None, None].astype(np.float32) * (1 - w) + c2[:, None, None].astype(np.float32) * w
+
+    # Distractors: at most a couple of thin lines and open arcs, none of them a class shape.
     d = _MAX_DISTRACTORS
-    n_dist = rng.integers(1, d + 1, b)
-    d_kind = rng.integers(0, 3, (b, d))  # 0 line, 1 arc, 2 blob
+    n_dist = rng.integers(0, d + 1, b)
+    d_kind = rng.integers(0, 2, (b, d))  # 0 line, 1 arc
     d_pts = rng.uniform(-0.1, 1.1, (b, d, 2, 2)) * size
-    d_thick = rng.uniform(0.015, 0.05, (b, d)) * size
+    d_thick = rng.uniform(0.015, 0.04, (b, d)) * size
     d_axes = rng.uniform(0.1, 0.4, (b, d, 2)) * size
-    d_blob = rng.uniform(0.015, 0.045, (b, d, 2)) * size  # half-axes: blobs stay small
     d_angle = rng.uniform(0.0, 360.0, (b, d))
     d_sweep = rng.uniform(40.0, 150.0, (b, d))
-    d_alpha = rng.uniform(0.5, 1.0, (b, d))
-    d_color = rng.uniform(0, 255, (b, d, 3))
-    # Some distractors share the object's colour, so colour alone does not segment the object.
-    same = rng.random((b, d)) < 0.3
-    d_color = np.where(same[..., None], tex_mean[:, None, :] + rng.normal(0, 15, (b, d, 3)),
-                       d_color).astype(np.float32)
+    d_alpha = rng.uniform(0.4, 0.9, (b, d))
+    d_color = rng.uniform(0, 255, (b, d, 3)).astype(np.float32)
     grain = rng.normal(0.0, 3.0, (b, size, size, 3)).astype(np.float32)  # sensor-like noise
 
     ss = _supersample(size)
     hi = size * ss
-    # Integer drawing parameters at the high resolution, for the whole chunk at once.
     pts = np.rint(d_pts * ss).astype(np.int64)
     thick = np.maximum(1, np.rint(d_thick * ss)).astype(np.int64)
     arc_axes = np.rint(d_axes * ss).astype(np.int64)
-    blob_axes = np.rint(d_blob * ss).astype(np.int64)
     # Per-image drawing only produces coverage maps; compositing is vectorised afterwards.
     d_cover = np.zeros((b, d, size, size), np.float32)
     obj_cover = np.empty((b, size, size), np.float32)
@@ -264,12 +300,9 @@ def _render_chunk(labels: np.ndarray, size: int, rng: np.random.Generator
             (x0, y0), (x1, y1) = pts[i, j].tolist()
             if d_kind[i, j] == 0:
                 cv2.line(layer, (x0, y0), (x1, y1), 255, int(thick[i, j]))
-            elif d_kind[i, j] == 1:
+            else:
                 cv2.ellipse(layer, (x0, y0), tuple(arc_axes[i, j].tolist()), float(d_angle[i, j]),
                             0.0, float(d_sweep[i, j]), 255, int(thick[i, j]))
-            else:
-                cv2.ellipse(layer, (x0, y0), tuple(blob_axes[i, j].tolist()),
-                            float(d_angle[i, j]), 0.0, 360.0, 255, -1)
             d_cover[i, j] = cv2.resize(layer, (size, size), interpolation=cv2.INTER_AREA)
         layer[:] = 0
         _draw_shape(layer, int(labels[i]), cx[i] * ss, cy[i] * ss, radius[i] * ss, angle[i],
