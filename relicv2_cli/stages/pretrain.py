@@ -54,6 +54,7 @@ PRESETS = {
         arch="resnet50", stem="imagenet", width=1.0, batch_size=4096, epochs=1000.0, optimizer="lars",
         lr=0.3, lars_eta=1e-3, weight_decay=1.5e-6, warmup_epochs=10.0, ema_base=0.996, proj_hidden=4096,
         proj_dim=256, large_size=224, small_size=96, large_crops=2, small_crops=6, blur=True, mask_prob=0.1,
+        zero_init_residual=True,
     ),
 }
 
@@ -72,7 +73,7 @@ class PretrainConfig:
     proj_hidden: int = 4096
     proj_dim: int = 256
     predictor: bool = True
-    zero_init_residual: bool = True  # BYOL's ResNet: each residual block starts as the identity
+    zero_init_residual: bool = False  # BYOL's is on; off learns faster in short runs (docs/pretrain.md)
     head_bias: bool = False  # BYOL's MLP heads: no bias in the last Linear
     bn_stats: str = "per-view"  # BYOL: BatchNorm statistics of each view on its own
     # views
