@@ -8,6 +8,7 @@ over images. All randomness comes from the caller's torch.Generator.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -19,6 +20,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 JITTERS = ("byol", "torchvision")
+
+
+@functools.cache
+def _const(values: tuple, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A constant on `device`, copied there once: a blocking host-to-GPU copy waits for the GPU, so
+    building constants every step would stall the step (never modified in place)."""
+    return torch.tensor(values, dtype=dtype).to(device)
 
 
 @dataclass
@@ -139,15 +147,13 @@ def crop_resize(
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
-    w = x.new_tensor(_GREY).view(1, 3, 1, 1)
+    w = _const(_GREY, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
 # RGB <-> YIQ: hue is an angle in the (I, Q) chroma plane, Y (luma) stays fixed.
-_RGB_TO_YIQ = torch.tensor(
-    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]]
-)
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.595716, -0.274453, -0.321263), (0.211456, -0.522591, 0.311135))
+_YIQ_TO_RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB_TO_YIQ)).tolist()))
 
 
 def _hue_matrices(hue: torch.Tensor) -> torch.Tensor:
@@ -156,7 +162,7 @@ def _hue_matrices(hue: torch.Tensor) -> torch.Tensor:
     A fast linear stand-in for torchvision's HSV hue shift (same range: hue in [-0.5, 0.5] is a full
     turn); it is exact on the grey axis and close elsewhere, without an RGB->HSV round trip.
     """
-    to_yiq, to_rgb = _RGB_TO_YIQ.to(hue.device), _YIQ_TO_RGB.to(hue.device)
+    to_yiq, to_rgb = _const(_RGB_TO_YIQ, hue.device), _const(_YIQ_TO_RGB, hue.device)
     theta = hue * 2 * math.pi
     cos, sin = torch.cos(theta), torch.sin(theta)
     # Built as I + to_rgb (R - I) to_yiq so that hue 0 gives exactly the identity (R - I = 0).
@@ -168,8 +174,7 @@ def _hue_matrices(hue: torch.Tensor) -> torch.Tensor:
 
 def _per_sample(presets: list[AugmentPreset], batch: int, name: str, device) -> torch.Tensor:
     """One preset per group of `batch` consecutive samples -> a per-sample tensor of attribute `name`."""
-    values = torch.tensor([getattr(p, name) for p in presets], dtype=torch.float32, device=device)
-    return values.repeat_interleave(batch)
+    return _const(tuple(getattr(p, name) for p in presets), torch.device(device)).repeat_interleave(batch)
 
 
 def _coin(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -197,7 +202,7 @@ def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Inverse of rgb_to_hsv: channel n in (R, G, B) = v - v s clamp(min(k, 4 - k), 0, 1),
     k = (n' + 6 h) mod 6 with n' = 5, 3, 1."""
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
+    offsets = _const((5.0, 3.0, 1.0), hue.device, hue.dtype).view(1, 3, 1, 1)
     k = (offsets + 6 * hue.unsqueeze(1)) % 6
     ramp = torch.minimum(k, 4 - k).clamp(0, 1)
     return value.unsqueeze(1) - (value * saturation).unsqueeze(1) * ramp
@@ -348,8 +353,8 @@ def augment(
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = x.new_tensor(mean).view(1, 3, 1, 1)
-    s = x.new_tensor(std).view(1, 3, 1, 1)
+    m = _const(tuple(mean), x.device, x.dtype).view(1, 3, 1, 1)
+    s = _const(tuple(std), x.device, x.dtype).view(1, 3, 1, 1)
     return (x - m) / s
 
 

@@ -203,7 +203,7 @@ class DistContext:
         if self.sampling == "global":
             return generator, batch_idx, mine, keep
         seed = (generator.initial_seed() * 1_000_033 + self.rank + 1) % (2**63)
-        return torch.Generator(device="cpu").manual_seed(seed), mine, mine, everything
+        return torch.Generator(device=generator.device).manual_seed(seed), mine, mine, everything
 
     def gather(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The global batch of each (b, D) tensor (rank r's rows at r*b), in one all-gather; None on

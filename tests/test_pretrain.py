@@ -1,8 +1,10 @@
 """The pretrain stage end to end on tiny settings: artifact, export, resume, signals, NaN, saliency checks."""
 
 import json
+import math
 import os
 import signal
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -152,9 +154,13 @@ def test_saliency_masks_reach_the_large_views_and_never_the_small_ones(tmp_path,
     assert not torch.equal(large_m, large_1)  # large crops do
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, device):
     cfg = PretrainConfig(**TINY, deterministic=True, max_steps=6)
-    whole = run_pretrain(cfg, workdir=tmp_path, name="whole", quiet=True)
+    whole = run_pretrain(cfg, workdir=tmp_path, name="whole", quiet=True, device=device)
 
     def kill_at_3(step):
         if step == 3:
@@ -163,12 +169,12 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path):
     import typer
 
     with pytest.raises(typer.Exit) as stopped:
-        run_pretrain(cfg, workdir=tmp_path, name="cut", quiet=True, step_callback=kill_at_3)
+        run_pretrain(cfg, workdir=tmp_path, name="cut", quiet=True, step_callback=kill_at_3, device=device)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     partial = tmp_path / "pretrain" / ".cut.partial"
     assert torch.load(partial / "checkpoint.pt", weights_only=True)["step"] == 3
     assert not (tmp_path / "pretrain" / "cut").exists()
-    resumed = run_pretrain(cfg, workdir=tmp_path, name="cut", resume=True, quiet=True)
+    resumed = run_pretrain(cfg, workdir=tmp_path, name="cut", resume=True, quiet=True, device=device)
     a, b = load_file(whole.path / "backbone.safetensors"), load_file(resumed.path / "backbone.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in records(resumed) if "loss" in r]
@@ -191,7 +197,11 @@ def test_resume_with_changed_settings_is_refused(tmp_path):
                      quiet=True)
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("log_every", "checkpoint_every", "steps_run"), [(1, 1, 3), (4, 2, 4)])
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, log_every,
+                                                                    checkpoint_every, steps_run):
+    # The flag is read on log and checkpoint steps only: with --log-every 4 --checkpoint-every 2 the
+    # loss of step 2 (0-based) turns NaN, step 3 still runs, and step 4 stops before its checkpoint.
     real_loss = pretrain._loss
     calls = []
 
@@ -201,12 +211,94 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, mo
         return (loss * float("nan") if len(calls) == 3 else loss), *rest
 
     monkeypatch.setattr(pretrain, "_loss", loss_nan_at_step_3)
-    cfg = PretrainConfig(**TINY, max_steps=5, checkpoint_every=1)
+    cfg = PretrainConfig(**{**TINY, "log_every": log_every}, max_steps=6, checkpoint_every=checkpoint_every)
     with pytest.raises(RelicError, match="loss became nan at step 2"):
         run_pretrain(cfg, workdir=tmp_path, name="n", quiet=True)
-    state = torch.load(tmp_path / "pretrain" / ".n.partial" / "checkpoint.pt", weights_only=True)
+    assert len(calls) == steps_run
+    partial = tmp_path / "pretrain" / ".n.partial"
+    state = torch.load(partial / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["online"].values() if v.is_floating_point())
+    logged = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in logged)  # nothing after the NaN reached the log
+
+
+def test_step_waits_for_the_device_only_on_log_steps(tmp_path, monkeypatch):
+    # Reading a tensor on the host (item, tolist, bool, float, int) waits for a GPU. Count such reads
+    # made by relicv2_cli code, step by step: between two steps only _after_step of a log step may read.
+    reads = []
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if f"{os.sep}relicv2_cli{os.sep}" in sys._getframe(1).f_code.co_filename:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    seen = {}
+    cfg = PretrainConfig(**{**TINY, "log_every": 3}, max_steps=7, checkpoint_every=100)
+    run_pretrain(cfg, workdir=tmp_path, quiet=True,
+                 step_callback=lambda step: seen.update({step: len(reads)}))
+    # reads between callback(k - 1) and callback(k): _after_step(k - 1) and train_step(k)
+    new_reads = {k: seen[k] - seen[k - 1] for k in range(2, 8)}
+    log_steps = {1, 3, 6}
+    assert all(new_reads[k] > 0 for k in new_reads if k - 1 in log_steps), new_reads  # the counter works
+    assert all(new_reads[k] == 0 for k in new_reads if k - 1 not in log_steps), new_reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_step_does_not_synchronise(tmp_path, monkeypatch):
+    # torch raises on any synchronising CUDA call inside a step between log steps (step 0 is left out:
+    # lazy initialisation; so is the first step of an epoch: it copies that epoch's permutation).
+    real_step = pretrain.train_step
+
+    def strict_step(run, step, ddp):
+        if step % run.steps_per_epoch == 0:
+            return real_step(run, step, ddp)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return real_step(run, step, ddp)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(pretrain, "train_step", strict_step)
+    run_pretrain(PretrainConfig(**{**TINY, "log_every": 8}, max_steps=8), workdir=tmp_path, quiet=True,
+                 device="cuda")
+
+
+@pytest.mark.parametrize(("setting", "device", "precision", "cpu_bf16", "expected"), [
+    ("on", "cpu", "fp32", False, True), ("off", "cuda", "bf16", True, False),
+    ("auto", "cuda", "fp32", False, True), ("auto", "cpu", "bf16", True, True),
+    ("auto", "cpu", "bf16", False, False), ("auto", "cpu", "fp32", True, False),
+    ("auto", "cpu", "fp64", True, False),
+])
+def test_channels_last_auto_follows_device_and_precision(monkeypatch, setting, device, precision, cpu_bf16,
+                                                         expected):
+    monkeypatch.setattr(pretrain, "_cpu_has_bf16", lambda: cpu_bf16)
+    cfg = PretrainConfig(channels_last=setting, precision=precision)
+    assert pretrain.use_channels_last(cfg, torch.device(device)) is expected
+
+
+def test_channels_last_and_compile_change_layout_not_values(tmp_path, monkeypatch):
+    # fp64: the memory format and torch.compile (dynamo, eager backend here: no C++ build in a test) must
+    # give the same loss and the same checkpoint keys as the plain run.
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: real_compile(self, backend="eager"))
+    base = dict(TINY, precision="fp64", max_steps=2, eval_every=0)
+    arts = [run_pretrain(PretrainConfig(**base, channels_last=cl, compile=comp), workdir=tmp_path, name=name,
+                         quiet=True)
+            for name, cl, comp in (("plain", "off", False), ("cl", "on", False), ("compiled", "off", True))]
+    losses = [[r["loss"] for r in records(a) if "loss" in r] for a in arts]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-9) and losses[2] == pytest.approx(losses[0], rel=1e-9)
+    keys = [set(torch.load(a.path / "checkpoint.pt", weights_only=True)["online"]) for a in arts]
+    assert keys[0] == keys[1] == keys[2]
+    with pytest.raises(RelicError, match="--channels-last must be one of auto, on, off"):
+        run_pretrain(PretrainConfig(**base, channels_last="yes"), workdir=tmp_path, quiet=True)
 
 
 def test_bad_options_give_one_line_errors(cli, tmp_path):

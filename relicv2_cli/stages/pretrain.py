@@ -7,12 +7,16 @@ rationale is in docs/pretrain.md, the data path of a step in docs/architecture.m
 
 The run is built in WORKDIR/pretrain/.NAME.partial (checkpoint.pt, metrics.jsonl); SIGTERM/SIGINT
 save a checkpoint there and exit, `--resume` continues from it. Every step draws its randomness from
-a generator seeded by (seed, step), so a resumed run sees exactly the batches and augmentations an
-uninterrupted run would.
+a generator on the training device seeded by (seed, step), so a resumed run sees exactly the batches
+and augmentations an uninterrupted run would without saving generator state.
+
+The step never waits for the device: loss, statistics and the non-finite-loss flag stay on it and
+are read only on log, evaluation and checkpoint steps (docs/pretrain.md, "Host synchronisation").
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,7 +49,8 @@ KL_FORMS = ("target-anchor", "swapped-views")
 BN_STATS = ("per-view", "joint")
 PRECISIONS = (*options.PRECISIONS, "fp64")  # fp64: exactness checks (tests), slow
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
-RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
+RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra", "channels_last", "compile")
+CHANNELS_LAST = ("auto", "on", "off")
 
 # Values the ImageNet preset sets (unless the option is given explicitly on the command line).
 # Sources: docs/pretrain.md (paper scale; BYOL's released optimiser settings).
@@ -105,6 +110,8 @@ class PretrainConfig:
     warmup_epochs: float = 10.0
     ema_base: float = 0.99
     precision: str = "bf16"
+    channels_last: str = "auto"  # memory format of activations: auto, on, off (docs/pretrain.md)
+    compile: bool = False  # torch.compile the online and target networks
     # bookkeeping
     seed: int = 0
     deterministic: bool = False
@@ -158,6 +165,10 @@ class State:
     last_eval: dict = field(default_factory=dict)
     signal: int = 0  # the signal that stopped the run, 0 if none
     out_of_time: bool = False
+    # On the device: the first step whose loss was not finite (-1: none) and that loss; read by
+    # _check_finite on log/eval/checkpoint steps only, so that no step waits for the device.
+    bad_step: torch.Tensor | None = None
+    bad_loss: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,23 +239,47 @@ def _networks(cfg: PretrainConfig, num_classes: int, dev: torch.device, ddp: dis
         online, probe = online.double(), probe.double()
         target = target.double() if target is not None else None
     online, target = ddp.sync_batchnorm(online), ddp.sync_batchnorm(target)  # BN over the global batch
-    if dev.type == "cuda":
+    if use_channels_last(cfg, dev):
         online = online.to(memory_format=torch.channels_last)
         target = target.to(memory_format=torch.channels_last) if target is not None else None
+    if cfg.compile:  # in place: state_dict keys stay those of the plain modules
+        online.compile()
+        if target is not None:
+            target.compile()
     return online, target, probe
+
+
+def use_channels_last(cfg: PretrainConfig, dev: torch.device) -> bool:
+    """--channels-last: auto is on for CUDA, and on CPU for bf16 where the CPU has bf16 instructions
+    (measured faster there: docs/benchmarks.md); never for fp64, the exactness-check precision."""
+    if cfg.channels_last != "auto":
+        return cfg.channels_last == "on"
+    if dev.type == "cuda":
+        return True
+    return dev.type == "cpu" and cfg.precision == "bf16" and _cpu_has_bf16()
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: keep the default format
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # ---------------------------------------------------------------------------------------------------
 # One step
 
 
-def train_step(run: Run, step: int, ddp: distributed.DistContext, partial: Path) -> dict:
+def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
     """Optimizer step `step` (0-based): views -> loss -> backward -> optimiser -> EMA -> probe.
-    Returns what the log needs; `partial` (the staging directory) is named when the loss diverges."""
-    cfg, t0 = run.cfg, time.perf_counter()
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
-    batch_idx = _batch_indices(step, run.steps_per_epoch, len(run.labels), cfg.batch_size, cfg.seed)
-    generator, view_idx, rows, keep = ddp.shard(generator, batch_idx.to(run.device))  # this process's share
+    Returns what the log needs, as device tensors: nothing here waits for the device."""
+    cfg, clock = run.cfg, _StepClock(run.device)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + step)
+    batch_idx = _batch_indices(step, run.steps_per_epoch, len(run.labels), cfg.batch_size, cfg.seed,
+                               run.device)
+    generator, view_idx, rows, keep = ddp.shard(generator, batch_idx)  # this process's share
     masks = run.masks[view_idx] if run.masks is not None else None
     views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
     labels = run.labels[rows]
@@ -252,16 +287,11 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext, partial: Path)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     rate = ema_rate(step, run.total_steps, cfg.ema_base)
-    t_data = time.perf_counter()
+    clock.mark()  # views ready
 
     loss, stats, features, embeddings = _loss(cfg, run.train_online, run.target, views, labels, generator,
                                               run.device, ddp)
-    loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and the NaN check agree
-    if not torch.isfinite(loss_value):
-        raise RelicError(f"loss became {loss_value.item()} at step {step}; stopped. The last good "
-                         "checkpoint is "
-                         f"kept in {partial} (--resume continues from it); try a lower --lr or "
-                         "--precision fp32")
+    loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and the NaN flag agree
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -269,12 +299,37 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext, partial: Path)
         ema_update(run.target, run.online, rate)
     probe_loss, probe_acc = _probe_step(run.train_probe, run.probe_optimizer, features,
                                         labels.repeat(cfg.large_crops))
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    clock.mark()  # step done
     return {"loss": loss_value, "stats": stats, "lr": lr, "ema_rate": rate, "embeddings": embeddings,
-            "probe_loss": probe_loss, "probe_train_top1": probe_acc, "seconds": seconds,
-            "data_fraction": (t_data - t0) / seconds}
+            "probe_loss": probe_loss, "probe_train_top1": probe_acc, "clock": clock,
+            "host_s": time.perf_counter() - clock.host_start}
+
+
+class _StepClock:
+    """Marks in one step (start, views ready, done) without waiting for the device: the host clock on
+    CPU, where ops run synchronously; CUDA events on GPU, read (waiting for the last) at log time."""
+
+    def __init__(self, dev: torch.device):
+        self.cuda, self.host_start, self.marks = dev.type == "cuda", time.perf_counter(), []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> tuple[float, float]:
+        """(step seconds, share of them spent making the batch and its views)."""
+        start, data, end = self.marks
+        if self.cuda:
+            end.synchronize()
+            total, data_s = start.elapsed_time(end) / 1000, start.elapsed_time(data) / 1000
+        else:
+            total, data_s = end - start, data - start
+        return total, data_s / total if total > 0 else 0.0
 
 
 def _loss(cfg, online, target, views, labels, generator, dev, ddp=None):
@@ -327,7 +382,7 @@ def _forward(cfg, net, views: list[torch.Tensor], dev) -> tuple[torch.Tensor, ..
     each view on its own (BatchNorm statistics per view, as BYOL), joint runs them as one batch."""
     dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
     xs = [v.to(dtype) for v in views]
-    if dev.type == "cuda":
+    if use_channels_last(cfg, dev):
         xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
     if cfg.bn_stats == "joint":
         return net(torch.cat(xs))
@@ -341,22 +396,30 @@ def _tagged(embeddings: list, first: int = 0, pools: list | None = None) -> list
     return [(e, p, first + k) for k, (e, p) in enumerate(zip(embeddings, pools, strict=True))]
 
 
-def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """The images of optimizer step `step`: a fresh permutation per epoch (seeded by seed and epoch),
-    last partial batch dropped. Pure function of the step, so resume needs no sampler state."""
+def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: int,
+                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The images of optimizer step `step` on `device`: a fresh permutation per epoch (seeded by seed
+    and epoch), last partial batch dropped. Pure function of the step, so resume needs no sampler state."""
     epoch, within = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return perm[within * batch : (within + 1) * batch]
+    return _epoch_permutation(n, seed, epoch, device)[within * batch : (within + 1) * batch]
 
 
-def _probe_step(probe, probe_optimizer, features, labels) -> tuple[float, float]:
-    """Online linear probe on detached features (solo-learn/BYOL monitor); never touches the encoder."""
+@functools.lru_cache(maxsize=1)
+def _epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    # Drawn on the CPU (the same order on every device) and copied once per epoch: a copy to the GPU
+    # every step would wait for it.
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
+
+
+def _probe_step(probe, probe_optimizer, features, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online linear probe on detached features (solo-learn/BYOL monitor); never touches the encoder.
+    Returns (loss, accuracy) as device tensors, read at log time."""
     logits = probe(at_least_fp32(features.detach()))
     loss = F.cross_entropy(logits, labels)
     probe_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     probe_optimizer.step()
-    return loss.item(), (logits.argmax(1) == labels).float().mean().item()
+    return loss.detach(), (logits.argmax(1) == labels).float().mean()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,14 +432,41 @@ def train(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistC
     cfg, received = run.cfg, []
     with options.handle_signals(lambda signum, _frame: received.append(signum)):
         while state.step < run.last_step and not state.signal and not state.out_of_time:
-            out = train_step(run, state.step, ddp, checkpoint.path.parent)
+            out = train_step(run, state.step, ddp)
+            _watch_loss(state, out["loss"])
             state.step += 1
-            state.train_s += out["seconds"]
+            state.train_s += out["host_s"]  # the host waits once the device's queue is full
             if step_callback is not None:  # tests: a signal or a crash at a chosen step
                 step_callback(state.step)
             budget_spent = cfg.time_budget_min is not None and state.train_s >= 60 * cfg.time_budget_min
-            state.signal, state.out_of_time = ddp.stop_vote(received, budget_spent)
+            # Several processes agree on stopping in a collective the host waits for: on log steps only.
+            if not ddp.active or _log_step(run, state.step):
+                state.signal, state.out_of_time = ddp.stop_vote(received, budget_spent)
             _after_step(run, state, out, checkpoint, ddp, log=log, progress=progress, task=task)
+
+
+def _log_step(run: Run, step: int) -> bool:
+    return step % run.cfg.log_every == 0 or step == 1 or step == run.last_step
+
+
+def _watch_loss(state: State, loss: torch.Tensor) -> None:
+    """Remember, on the device, the first step (0-based, state.step) whose loss is not finite."""
+    if state.bad_step is None:
+        state.bad_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        state.bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+    first = ~torch.isfinite(loss) & (state.bad_step < 0)
+    state.bad_step = torch.where(first, state.step, state.bad_step)
+    state.bad_loss = torch.where(first, loss, state.bad_loss)
+
+
+def _check_finite(state: State, partial: Path) -> None:
+    """Stop if a loss was not finite since the start: the one read of the device's flag, before
+    anything is logged or saved, so no checkpoint holds weights trained on a bad loss."""
+    if state.bad_step is None or (bad := int(state.bad_step)) < 0:
+        return
+    raise RelicError(f"loss became {float(state.bad_loss)} at step {bad}; stopped. The last good checkpoint "
+                     f"is kept in {partial} (--resume continues from it); try a lower --lr or --precision "
+                     "fp32")
 
 
 def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, *, log, progress,
@@ -384,16 +474,20 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
     """The one place that logs, evaluates and checkpoints (a signal's checkpoint comes after the loop)."""
     cfg, step = run.cfg, state.step
     final = step == run.last_step or state.out_of_time
+    log_now = _log_step(run, step) or final
+    eval_now = bool(run.eval_every and step % run.eval_every == 0) or final
+    if log_now or eval_now or step % cfg.checkpoint_every == 0 or state.signal:
+        _check_finite(state, checkpoint.path.parent)
     record = {}
-    if step % cfg.log_every == 0 or final or step == 1:
+    if log_now:  # the device's values are read here only
+        seconds, data_fraction = out["clock"].seconds()
         record = {"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": out["loss"].item(),
                   **{k: float(v) for k, v in out["stats"].items()}, "lr": out["lr"],
                   "ema_rate": out["ema_rate"],
-                  "embedding_std": embedding_std(out["embeddings"]), "probe_loss": out["probe_loss"],
-                  "probe_train_top1": out["probe_train_top1"],
-                  "images_per_s": cfg.batch_size / out["seconds"],
-                  "data_fraction": out["data_fraction"]}
-    if (run.eval_every and step % run.eval_every == 0) or final:
+                  "embedding_std": embedding_std(out["embeddings"]), "probe_loss": out["probe_loss"].item(),
+                  "probe_train_top1": out["probe_train_top1"].item(),
+                  "images_per_s": cfg.batch_size / seconds, "data_fraction": data_fraction}
+    if eval_now:
         state.last_eval = _evaluate(run, progress, ddp.encode(encode_images))
         record = {"step": step, **record, **state.last_eval}
     if record:
@@ -528,6 +622,7 @@ def _check_config(cfg: PretrainConfig) -> None:
     options.check_choice("--jitter", cfg.jitter, JITTERS)
     if not 0 <= cfg.mask_min_area <= 1:
         raise RelicError(f"--mask-min-area must be in [0, 1], got {cfg.mask_min_area}")
+    options.check_choice("--channels-last", cfg.channels_last, CHANNELS_LAST)
     if cfg.large_crops < 1 or cfg.small_crops < 0:
         raise RelicError("need --large-crops >= 1 and --small-crops >= 0")
     if cfg.method == "byol" and cfg.large_crops < 2:
@@ -626,6 +721,10 @@ def command(
     ema_base: Annotated[float, _opt("Target EMA rate at step 0, rising to 1 by a cosine.")] = D.ema_base,
     precision: Annotated[str, _opt("bf16 (autocast), fp32, or fp64 (float64 everywhere: slow; for exactness "
                                    "checks).")] = D.precision,
+    channels_last: Annotated[str, _opt("Channels-last memory format: auto (CUDA; CPU with bf16 instructions "
+                                       "under bf16), on or off.")] = D.channels_last,
+    compile: Annotated[bool, _opt("torch.compile the online and target networks (slow first steps).",
+                                  "--compile")] = D.compile,
     deterministic: Annotated[bool, _opt("Deterministic kernels.", "--deterministic")] = D.deterministic,
     checkpoint_every: Annotated[int, _opt("Save a resumable checkpoint every N steps.")] = D.checkpoint_every,
     eval_every: Annotated[int | None, _opt("kNN + probe test accuracy every N steps (default: each "
