@@ -42,18 +42,19 @@ def matmul_tflops(device: torch.device, n: int = 2048, repeats: int = 10) -> flo
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def step_flops(cfg: pretrain.PretrainConfig, device: torch.device) -> float:
+def step_flops(cfg: pretrain.PretrainConfig, device: torch.device, image_size: int = 32) -> float:
     """FLOPs of one training step's forward + backward (online and target networks)."""
     online = build_network(cfg.arch, cfg.width, cfg.stem, cfg.proj_hidden, cfg.proj_dim).to(device)
     target = make_target(online).to(device)
-    images = torch.randint(0, 255, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
+    shape = (cfg.batch_size, 3, image_size, image_size)
+    images = torch.randint(0, 255, shape, dtype=torch.uint8, device=device)
     view_cfg = ViewConfig(large_crops=cfg.large_crops, small_crops=cfg.small_crops, large_size=cfg.large_size,
                           small_size=cfg.small_size, blur=cfg.blur)
-    views = make_views(images, view_cfg, torch.Generator().manual_seed(0))
+    views = make_views(images, view_cfg, torch.Generator(device=device).manual_seed(0))
     labels = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter:
-        loss, *_ = pretrain._loss(cfg, online, target, views, labels, torch.Generator().manual_seed(0),
-                                  device)
+        loss, *_ = pretrain._loss(cfg, online, target, views, labels,
+                                  torch.Generator(device=device).manual_seed(0), device)
         loss.backward()
     return counter.get_total_flops()
 

@@ -9,7 +9,7 @@ What follows lightly's example (examples/pytorch/byol.py; lightly 1.6.0, the `be
 - target: `update_momentum` with `cosine_schedule(epoch, epochs, 0.996, 1)` before each step.
 
 What the bench chooses, so that only the library differs:
-- backbone: ours (`relicv2_cli.models.build_resnet`: ResNet-18, cifar stem, any width), or
+- backbone: ours (`relicv2_cli.models.build_resnet`: ResNet-18 cifar stem by default, any arch/width), or
   `example`: torchvision's `resnet18()` with its ImageNet stem, exactly as the example builds it;
 - DataLoader workers: this machine's core count (the example's 8 would oversubscribe 2 cores);
 - precision: bf16 autocast on the forward passes when asked, as our pretrain does;
@@ -31,6 +31,7 @@ from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightly.utils.scheduler import cosine_schedule
+from PIL import Image
 from torch import nn
 
 from relicv2_cli.models import build_resnet
@@ -54,13 +55,14 @@ class LightlyBYOL(nn.Module):
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
 
 
-def build(backbone: str = "ours", width: float = 1.0) -> tuple[LightlyBYOL, nn.Module]:
+def build(backbone: str = "ours", width: float = 1.0, arch: str = "resnet18",
+          stem: str = "cifar") -> tuple[LightlyBYOL, nn.Module]:
     """(model, resnet): `resnet` is the module whose state_dict (torchvision names) is the encoder."""
     if backbone == "example":
         resnet = torchvision.models.resnet18()
         trunk = nn.Sequential(*list(resnet.children())[:-1])  # the example's backbone: all but fc
         return LightlyBYOL(trunk, 512), resnet
-    resnet = build_resnet("resnet18", width, "cifar")
+    resnet = build_resnet(arch, width, stem)
     return LightlyBYOL(resnet, resnet.feature_dim), resnet
 
 
@@ -76,11 +78,48 @@ def make_loader(data_dir: str | Path, batch_size: int = 256, workers: int | None
                                        num_workers=workers, persistent_workers=workers > 0)
 
 
+class ArrayDataset(torch.utils.data.Dataset):
+    """In-memory uint8 images (N, H, W, 3) as PIL images through `transform` (the GPU bench's synthetic
+    data, so that both sides read the same pixels from memory)."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), 0
+
+
+def make_array_loader(images, input_size: int, batch_size: int, workers: int | None = None,
+                      blur: bool = False) -> torch.utils.data.DataLoader:
+    """The example's views (BYOLTransform at `input_size`, its own blur when `blur`) of in-memory images."""
+    kwargs = {} if blur else {"gaussian_blur": 0.0}
+    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=input_size, **kwargs),
+                              view_2_transform=BYOLView2Transform(input_size=input_size, **kwargs))
+    workers = os.cpu_count() if workers is None else workers
+    return torch.utils.data.DataLoader(ArrayDataset(images, transform), batch_size=batch_size, shuffle=True,
+                                       drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=torch.cuda.is_available())
+
+
 def byol_loss(model: LightlyBYOL, criterion: nn.Module, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """The example's symmetric loss: each view's prediction against the other view's target projection."""
     p0, z0 = model(x0), model.forward_momentum(x0)
     p1, z1 = model(x1), model.forward_momentum(x1)
     return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+
+
+def step_flops(model: LightlyBYOL, batch: int, size: int, device) -> float:
+    """FLOPs of one step's forward + backward (both views, online and momentum networks)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.to(device)
+    x0, x1 = (torch.randn(batch, 3, size, size, device=device) for _ in range(2))
+    with FlopCounterMode(display=False) as counter:
+        byol_loss(model, NegativeCosineSimilarity(), x0, x1).backward()
+    return counter.get_total_flops()
 
 
 def lightly_version() -> str:
