@@ -28,7 +28,6 @@ from pathlib import Path
 import lightly_byol
 import torch
 from bench_pretrain import matmul_tflops, measure_speed, step_flops
-from torch.utils.flop_counter import FlopCounterMode
 
 from relicv2_cli.stages import pretrain
 
@@ -53,16 +52,6 @@ def run_lightly(loader, width: float, steps: int, device: str) -> dict:
     steady = [(d, t) for s, d, t in timings if s > WARMUP_STEPS]
     return {"images_per_s": statistics.mean(loader.batch_size / t for _, t in steady),
             "data_fraction": statistics.mean(d / t for d, t in steady)}
-
-
-def lightly_step_flops(width: float, device: torch.device, batch: int = 256) -> float:
-    model, _ = lightly_byol.build("ours", width)
-    model.to(device)
-    x0, x1 = torch.randn(batch, 3, 32, 32, device=device), torch.randn(batch, 3, 32, 32, device=device)
-    criterion = lightly_byol.NegativeCosineSimilarity()
-    with FlopCounterMode(display=False) as counter:
-        lightly_byol.byol_loss(model, criterion, x0, x1).backward()
-    return counter.get_total_flops()
 
 
 def main() -> None:
@@ -96,7 +85,8 @@ def main() -> None:
     flops = {
         "ours BYOL, 2x32px": step_flops(
             pretrain.PretrainConfig(method="byol", small_crops=0, width=args.width), device),
-        "lightly BYOL example, 2x32px": lightly_step_flops(args.width, device),
+        "lightly BYOL example, 2x32px": lightly_byol.step_flops(
+            lightly_byol.build("ours", args.width)[0], 256, 32, device),
         "ours RELICv2, 2x32px + 2x16px": step_flops(
             pretrain.PretrainConfig(method="relicv2", width=args.width), device),
     }

@@ -14,8 +14,9 @@ def test_gpu_benchmark_dry_run_on_cpu_prints_one_table(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(["bash", "bench/gpu.sh", "--device", "cpu", "--tiny", "--steps", "3", "--warmup", "1",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    args = ["--device", "cpu", "--tiny", "--steps", "3", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(["bash", "bench/gpu.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and "ours img/s" in table[0]  # header + CIFAR-10 row + ImageNet row
