@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> None:
         out = pretrain.train_step(run, step, ddp, *extra)
         out["loss"].item()  # wait for the device
         times.append(time.perf_counter() - start)
-    print(json.dumps(times[args.warmup:]))
+    print(json.dumps({"first_s": times[0], "steps_s": times[args.warmup:]}))
 
 
 def main() -> None:
@@ -77,18 +77,21 @@ def main() -> None:
               "--batch-size", str(args.batch_size), "--device", args.device,
               "--threads", str(args.threads)]
     times: dict[str, list[float]] = {name: [] for name in runs}
+    first: dict[str, list[float]] = {name: [] for name in runs}  # includes compilation with compile=1
     for round_ in range(args.rounds):
         for name, (tree, settings) in runs.items():
             sets = [a for s in settings for a in ("--set", s)]
             cmd = [sys.executable, __file__, "--child", *common, *sets]
             env = {**os.environ, "PYTHONPATH": str(tree)}
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            times[name] += json.loads(result.stdout.strip().splitlines()[-1])
+            measured = json.loads(result.stdout.strip().splitlines()[-1])
+            times[name] += measured["steps_s"]
+            first[name].append(round(measured["first_s"], 2))
             print(f"round {round_ + 1}: {name}: {statistics.median(times[name]):.3f} s/step so far",
                   flush=True)
     rows = [{"run": name, "tree": str(runs[name][0]), "settings": runs[name][1],
              "median_step_s": round(statistics.median(t), 3), "step_s": [round(x, 3) for x in t],
-             "images_per_s": round(args.batch_size / statistics.median(t), 1)}
+             "images_per_s": round(args.batch_size / statistics.median(t), 1), "first_step_s": first[name]}
             for name, t in times.items()]
     result = {"width": args.width, "batch_size": args.batch_size, "device": args.device,
               "rounds": args.rounds,
