@@ -33,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     data = os.environ.get("RELICV2_DATA")
-    overrides = dict(item.split("=", 1) for item in args.set)
+    overrides = {key: _value(text) for key, text in (item.split("=", 1) for item in args.set)}
     cfg = pretrain.PretrainConfig(spec=f"cifar10:{data}" if data else "synthetic", width=args.width,
                                   batch_size=args.batch_size, limit_train=4 * args.batch_size, limit_test=100,
                                   **overrides)
@@ -41,13 +41,22 @@ def child(args: argparse.Namespace) -> None:
     ddp = distributed.setup(dev)
     run = pretrain.setup(cfg, dev, ddp)
     extra = (Path("unused"),) if len(inspect.signature(pretrain.train_step).parameters) == 4 else ()
-    times = []
+    times, cpu = [], []
     for step in range(args.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = pretrain.train_step(run, step, ddp, *extra)
         out["loss"].item()  # wait for the device
         times.append(time.perf_counter() - start)
-    print(json.dumps({"first_s": times[0], "steps_s": times[args.warmup:]}))
+        cpu.append(time.process_time() - start_cpu)
+    print(json.dumps({"first_s": times[0], "steps_s": times[args.warmup:], "cpu_s": cpu[args.warmup:]}))
+
+
+def _value(text: str):
+    """A --set value: JSON where it parses (16, 0.5, true), else the string (on, off)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def main() -> None:
@@ -78,6 +87,8 @@ def main() -> None:
               "--threads", str(args.threads)]
     times: dict[str, list[float]] = {name: [] for name in runs}
     first: dict[str, list[float]] = {name: [] for name in runs}  # includes compilation with compile=1
+    # CPU seconds of the process per step: on a machine shared with other jobs, far steadier than wall time
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(args.rounds):
         for name, (tree, settings) in runs.items():
             sets = [a for s in settings for a in ("--set", s)]
@@ -86,12 +97,15 @@ def main() -> None:
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             measured = json.loads(result.stdout.strip().splitlines()[-1])
             times[name] += measured["steps_s"]
+            cpu[name] += measured["cpu_s"]
             first[name].append(round(measured["first_s"], 2))
             print(f"round {round_ + 1}: {name}: {statistics.median(times[name]):.3f} s/step so far",
                   flush=True)
     rows = [{"run": name, "tree": str(runs[name][0]), "settings": runs[name][1],
              "median_step_s": round(statistics.median(t), 3), "step_s": [round(x, 3) for x in t],
-             "images_per_s": round(args.batch_size / statistics.median(t), 1), "first_step_s": first[name]}
+             "images_per_s": round(args.batch_size / statistics.median(t), 1), "first_step_s": first[name],
+             "median_cpu_s": round(statistics.median(cpu[name]), 3),
+             "cpu_s": [round(x, 3) for x in cpu[name]]}
             for name, t in times.items()]
     result = {"width": args.width, "batch_size": args.batch_size, "device": args.device,
               "rounds": args.rounds,
@@ -102,9 +116,9 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"ResNet-18 w{args.width:g} cifar stem, batch {args.batch_size}, 2x32 + 2x16 px, bf16; median of "
           f"{args.rounds} interleaved rounds x {args.steps - args.warmup} steps\n")
-    print("| run | s/step | img/s |\n|---|---|---|")
+    print("| run | wall s/step | img/s | CPU s/step |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['median_step_s']} | {r['images_per_s']} |")
+        print(f"| {r['run']} | {r['median_step_s']} | {r['images_per_s']} | {r['median_cpu_s']} |")
 
 
 if __name__ == "__main__":
