@@ -6,6 +6,7 @@ Each stage module declares its Typer command with these aliases, so `--workdir`,
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from contextlib import contextmanager
@@ -86,6 +87,25 @@ def resolve_device(device: str):
 def check_choice(flag: str, value, valid) -> None:
     if value not in valid:
         raise RelicError(f"{flag} must be one of {', '.join(map(str, valid))}; got {value!r}")
+
+
+def check_positive(flag: str, value: float | None) -> None:
+    """`value` > 0 and finite (None: the option was not given). NaN fails every comparison, so it is
+    refused too."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise RelicError(f"{flag} must be positive and finite, got {value}")
+
+
+def check_range(flag: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    """`value` in [low, high], or (low, high] with `low_open`; NaN is refused."""
+    if not ((low < value if low_open else low <= value) and value <= high):
+        raise RelicError(f"{flag} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value}")
+
+
+def check_at_least(flag: str, value: float | None, low: float) -> None:
+    """`value` >= low and finite (None: not given); NaN is refused."""
+    if value is not None and not (math.isfinite(value) and value >= low):
+        raise RelicError(f"{flag} must be at least {low:g} and finite, got {value}")
 
 
 @contextmanager

@@ -42,8 +42,8 @@ def test_relicv2_artifact_has_state_metrics_and_backbones(tmp_path):
 
 
 def test_imagenet_stem_width_1_backbone_loads_into_torchvision(tmp_path):
-    cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, stem="imagenet",
-                         max_steps=1)
+    cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, n_negatives=4,
+                         stem="imagenet", max_steps=1)
     art = run_pretrain(cfg, workdir=tmp_path, quiet=True)
     exported = (load_file(art.path / "backbone.safetensors"),
                 torch.load(art.path / "backbone.pt", weights_only=True))

@@ -31,7 +31,7 @@ from torch import nn
 
 from relicv2_cli import artifacts, distributed, options
 from relicv2_cli.augment import JITTERS, ViewConfig, make_views
-from relicv2_cli.checkpoint import Checkpoint
+from relicv2_cli.checkpoint import Checkpoint, nonfinite_tensors
 from relicv2_cli.data import Dataset, load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import autocast, encode_images, knn_accuracy
@@ -46,6 +46,11 @@ BN_STATS = ("per-view", "joint")
 PRECISIONS = (*options.PRECISIONS, "fp64")  # fp64: exactness checks (tests), slow
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
+# What it may also change after a stop on a NaN or infinity: the step size and the precision, which
+# leave the shapes of the saved state alone (derived keys included).
+AFTER_NONFINITE_CHANGES = ("lr", "base_lr_scaled", "lars_eta", "weight_decay", "warmup_epochs",
+                           "warmup_steps", "precision")
+STOPPED_NONFINITE = "stopped-nonfinite.json"  # in the staging directory until the next checkpoint
 
 # Values the ImageNet preset sets (unless the option is given explicitly on the command line).
 # Sources: docs/pretrain.md (paper scale; BYOL's released optimiser settings).
@@ -158,6 +163,11 @@ class State:
     last_eval: dict = field(default_factory=dict)
     signal: int = 0  # the signal that stopped the run, 0 if none
     out_of_time: bool = False
+    checkpoint_step: int | None = None  # the step of checkpoint.pt (finite weights), None before the first
+
+
+class NonFinite(RelicError):
+    """The loss or the weights became NaN or infinite; run_pretrain says what was kept."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,9 +248,9 @@ def _networks(cfg: PretrainConfig, num_classes: int, dev: torch.device, ddp: dis
 # One step
 
 
-def train_step(run: Run, step: int, ddp: distributed.DistContext, partial: Path) -> dict:
+def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
     """Optimizer step `step` (0-based): views -> loss -> backward -> optimiser -> EMA -> probe.
-    Returns what the log needs; `partial` (the staging directory) is named when the loss diverges."""
+    Returns what the log needs; NonFinite when the loss is NaN or infinite."""
     cfg, t0 = run.cfg, time.perf_counter()
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
     batch_idx = _batch_indices(step, run.steps_per_epoch, len(run.labels), cfg.batch_size, cfg.seed)
@@ -258,10 +268,7 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext, partial: Path)
                                               run.device, ddp)
     loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and the NaN check agree
     if not torch.isfinite(loss_value):
-        raise RelicError(f"loss became {loss_value.item()} at step {step}; stopped. The last good "
-                         "checkpoint is "
-                         f"kept in {partial} (--resume continues from it); try a lower --lr or "
-                         "--precision fp32")
+        raise NonFinite(f"loss became {loss_value.item()} at step {step}")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -369,7 +376,7 @@ def train(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistC
     cfg, received = run.cfg, []
     with options.handle_signals(lambda signum, _frame: received.append(signum)):
         while state.step < run.last_step and not state.signal and not state.out_of_time:
-            out = train_step(run, state.step, ddp, checkpoint.path.parent)
+            out = train_step(run, state.step, ddp)
             state.step += 1
             state.train_s += out["seconds"]
             if step_callback is not None:  # tests: a signal or a crash at a chosen step
@@ -408,13 +415,22 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
 
 
 def save_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext) -> None:
-    if ddp.is_main:  # rank 0 alone writes; every process holds the same weights
-        checkpoint.save({
-            "step": state.step, "train_s": state.train_s, "online": run.online.state_dict(),
-            "probe": run.probe.state_dict(),
-            "target": run.target.state_dict() if run.target is not None else {},
-            "optimizer": run.optimizer.state_dict(), "probe_optimizer": run.probe_optimizer.state_dict(),
-        })
+    """Write checkpoint.pt, or raise NonFinite when a weight or optimiser tensor is NaN or infinite:
+    the loss can stay finite a step after the weights are lost, so the weights themselves are checked
+    and every checkpoint on disk is one to resume from."""
+    saved = {
+        "step": state.step, "train_s": state.train_s, "online": run.online.state_dict(),
+        "probe": run.probe.state_dict(), "target": run.target.state_dict() if run.target is not None else {},
+        "optimizer": run.optimizer.state_dict(), "probe_optimizer": run.probe_optimizer.state_dict(),
+    }
+    bad = nonfinite_tensors({k: saved[k] for k in ("online", "target", "probe", "optimizer")})
+    if bad:  # every process holds the same weights, so all of them stop here
+        raise NonFinite(f"{len(bad)} weight and optimiser tensors became NaN or infinite by step "
+                        f"{state.step} (first {bad[0]}) while the loss was finite")
+    if ddp.is_main:  # rank 0 alone writes
+        checkpoint.save(saved)
+        (checkpoint.path.parent / STOPPED_NONFINITE).unlink(missing_ok=True)
+    state.checkpoint_step = state.step
 
 
 def load_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext) -> None:
@@ -426,6 +442,7 @@ def load_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distrib
     run.optimizer.load_state_dict(saved["optimizer"])
     run.probe_optimizer.load_state_dict(saved["probe_optimizer"])
     state.step, state.train_s = saved["step"], saved.get("train_s", 0.0)
+    state.checkpoint_step = state.step
     if ddp.is_main:
         _truncate_metrics(checkpoint.path.parent / artifacts.METRICS, state.step)
 
@@ -479,26 +496,53 @@ def run_pretrain(
     # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
     staging, resume = ddp.open_staging(workdir, "pretrain", name, force=force, resume=resume)
     with staging:
-        checkpoint, state = Checkpoint(staging.dir, run.config, RESUMABLE_CHANGES), State()
+        # After a stop on a NaN, the advised --resume with a lower --lr is allowed.
+        may_change = RESUMABLE_CHANGES
+        if resume and (staging.dir / STOPPED_NONFINITE).exists():
+            may_change += AFTER_NONFINITE_CHANGES
+        checkpoint, state = Checkpoint(staging.dir, run.config, may_change), State()
         if resume:
             load_checkpoint(run, state, checkpoint, ddp)
         t_start = time.perf_counter()
-        with open(staging.dir / artifacts.METRICS if ddp.is_main else os.devnull, "a") as log, \
-                options.progress_bar(quiet or not ddp.is_main) as progress:
-            task = progress.add_task(f"{cfg.method} {name}", total=run.last_step, completed=state.step,
-                                     info="")
-            train(run, state, checkpoint, ddp, log=log, progress=progress, task=task,
-                  step_callback=step_callback)
-        save_checkpoint(run, state, checkpoint, ddp)
+        try:
+            with open(staging.dir / artifacts.METRICS if ddp.is_main else os.devnull, "a") as log, \
+                    options.progress_bar(quiet or not ddp.is_main) as progress:
+                task = progress.add_task(f"{cfg.method} {name}", total=run.last_step, completed=state.step,
+                                         info="")
+                train(run, state, checkpoint, ddp, log=log, progress=progress, task=task,
+                      step_callback=step_callback)
+            save_checkpoint(run, state, checkpoint, ddp)
+        except NonFinite as e:
+            raise _nonfinite_stop(e, state, staging, ddp) from None
         ddp.barrier()  # the others wait for rank 0's checkpoint (torchrun stops everyone once one exits)
         if state.signal:
             options.console.print(f"stopped by {signal.Signals(state.signal).name} at step {state.step}/"
                                   f"{run.last_step}; checkpoint saved in {staging.dir}; continue with "
-                                  "--resume")
+                                  f"{_resume_flags(staging)}")
             raise typer.Exit(128 + state.signal)
         if not ddp.is_main:
             return staging.commit()  # waits for rank 0's commit, then opens the artifact it wrote
         return _commit(run, state, staging, t_start)
+
+
+def _resume_flags(staging) -> str:
+    """The flags that continue this run: with an artifact of the same name (a --force run), --resume
+    alone would stop at "artifact exists"."""
+    return "--resume --force" if staging.final.exists() else "--resume"
+
+
+def _nonfinite_stop(error: NonFinite, state: State, staging, ddp) -> RelicError:
+    """The one-line error of a stop on a NaN: which checkpoint is kept (its step; one with finite
+    weights, save_checkpoint sees to that) and how to go on. A marker lets that --resume change --lr."""
+    if state.checkpoint_step is None:  # Staging(checkpoint=...) removes the staging directory
+        return RelicError(f"{error}; stopped. No checkpoint was written before it, so there is nothing to "
+                          "resume: rerun with a lower --lr or --precision fp32")
+    if ddp.is_main:
+        artifacts.atomic_write_bytes(staging.dir / STOPPED_NONFINITE, json.dumps(
+            {"stopped_at": str(error), "checkpoint_step": state.checkpoint_step}).encode())
+    return RelicError(f"{error}; stopped. The last checkpoint with finite weights (step "
+                      f"{state.checkpoint_step}) is kept in {staging.dir}: continue from it with "
+                      f"{_resume_flags(staging)} and a lower --lr or --precision fp32")
 
 
 def _commit(run: Run, state: State, staging, t_start: float) -> artifacts.Artifact:
@@ -518,7 +562,12 @@ def _commit(run: Run, state: State, staging, t_start: float) -> artifacts.Artifa
                           metrics=metrics)
 
 
+MIN_CROP = 8  # px: smaller crops leave the ResNet's last stage a 1x1 map of a few pixels' worth
+
+
 def _check_config(cfg: PretrainConfig) -> None:
+    """Every option against its range, before anything is read or written: a nonsense value is a
+    one-line error naming the option, never a run that trains to a useless artifact."""
     options.check_choice("--method", cfg.method, METHODS)
     check_network(cfg.arch, cfg.width, cfg.stem)
     options.check_choice("--optimizer", cfg.optimizer, OPTIMIZERS)
@@ -526,24 +575,43 @@ def _check_config(cfg: PretrainConfig) -> None:
     options.check_choice("--kl-form", cfg.kl_form, KL_FORMS)
     options.check_choice("--bn-stats", cfg.bn_stats, BN_STATS)
     options.check_choice("--jitter", cfg.jitter, JITTERS)
-    if not 0 <= cfg.mask_min_area <= 1:
-        raise RelicError(f"--mask-min-area must be in [0, 1], got {cfg.mask_min_area}")
     if cfg.large_crops < 1 or cfg.small_crops < 0:
         raise RelicError("need --large-crops >= 1 and --small-crops >= 0")
     if cfg.method == "byol" and cfg.large_crops < 2:
         raise RelicError("byol compares different views: needs --large-crops >= 2")
-    if not 0 <= cfg.mask_prob <= 1:
-        raise RelicError(f"--mask-prob must be in [0, 1], got {cfg.mask_prob}")
     if cfg.saliency and cfg.method == "supervised":
         raise RelicError("--saliency applies to self-supervised methods only")
-    for flag, value in (("--batch-size", cfg.batch_size), ("--epochs", cfg.epochs), ("--tau", cfg.tau),
-                        ("--checkpoint-every", cfg.checkpoint_every), ("--log-every", cfg.log_every)):
-        if value <= 0:
-            raise RelicError(f"{flag} must be positive, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise RelicError(f"--max-steps must be positive, got {cfg.max_steps}")
-    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
-        raise RelicError(f"--time-budget must be positive, got {cfg.time_budget_min}")
+    for flag, value in (("--proj-hidden", cfg.proj_hidden), ("--proj-dim", cfg.proj_dim),
+                        ("--epochs", cfg.epochs), ("--max-steps", cfg.max_steps),
+                        ("--time-budget", cfg.time_budget_min), ("--lr", cfg.lr),
+                        ("--lars-eta", cfg.lars_eta), ("--tau", cfg.tau),
+                        ("--checkpoint-every", cfg.checkpoint_every),
+                        ("--log-every", cfg.log_every), ("--knn-k", cfg.knn_k),
+                        ("--knn-temperature", cfg.knn_temperature), ("--limit-train", cfg.limit_train),
+                        ("--limit-test", cfg.limit_test)):
+        options.check_positive(flag, value)
+    for flag, value, low in (("--batch-size", cfg.batch_size, 2), ("--large-size", cfg.large_size, MIN_CROP),
+                             ("--small-size", cfg.small_size, MIN_CROP),
+                             ("--image-size", cfg.image_size, MIN_CROP),
+                             ("--weight-decay", cfg.weight_decay, 0),
+                             ("--warmup-epochs", cfg.warmup_epochs, 0), ("--eval-every", cfg.eval_every, 0),
+                             ("--alpha", cfg.alpha, 0), ("--beta", cfg.beta, 0)):
+        options.check_at_least(flag, value, low)
+    for flag, value in (("--mask-prob", cfg.mask_prob), ("--mask-min-area", cfg.mask_min_area),
+                        ("--ema-base", cfg.ema_base)):
+        options.check_range(flag, value, 0, 1)
+    for flag, value in (("--large-scale-min", cfg.large_scale_min), ("--small-scale-min", cfg.small_scale[0]),
+                        ("--small-scale-max", cfg.small_scale[1])):
+        options.check_range(flag, value, 0, 1, low_open=True)
+    if cfg.small_scale[0] > cfg.small_scale[1]:
+        raise RelicError(f"--small-scale-min {cfg.small_scale[0]} is above --small-scale-max "
+                         f"{cfg.small_scale[1]}")
+    if cfg.method == "relicv2":
+        if cfg.alpha == 0 and cfg.beta == 0:
+            raise RelicError("--alpha 0 and --beta 0 leave no loss to train on")
+        if not 1 <= cfg.n_negatives < cfg.batch_size:
+            raise RelicError(f"--n-negatives must be at least 1 and below --batch-size {cfg.batch_size} (the "
+                             f"negatives are other images of the batch), got {cfg.n_negatives}")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
