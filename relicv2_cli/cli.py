@@ -17,6 +17,7 @@ from rich.tree import Tree
 
 from relicv2_cli import __version__, artifacts
 from relicv2_cli.errors import RelicError
+from relicv2_cli.helpformat import plain_help
 from relicv2_cli.options import (
     DEFAULT_WORKDIR,
     ImageSize,
@@ -183,6 +184,8 @@ def _add_stages() -> None:
     analyze_app.command("neighbors")(neighbors_stage.command)
     analyze_app.command("ratios")(ratios_stage.command)
     app.command("report")(report_module.command)
+
+plain_help(app)  # after every registration: all commands get the plain --help rendering
 
 
 def main() -> None:
