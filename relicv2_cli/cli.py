@@ -185,6 +185,10 @@ def _add_stages() -> None:
     analyze_app.command("ratios")(ratios_stage.command)
     app.command("report")(report_module.command)
 
+from relicv2_cli.stages import export as export_stage  # noqa: E402
+
+app.command("export")(export_stage.command)
+
 plain_help(app)  # after every registration: all commands get the plain --help rendering
 
 
