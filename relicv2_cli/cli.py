@@ -160,6 +160,8 @@ def artifacts_lineage(art: Annotated[Path, typer.Argument(help="Artifact directo
 def _add_stages() -> None:
     """Register the stage commands. Their modules import torch (seconds), which `--version` skips."""
     from relicv2_cli import report as report_module
+    from relicv2_cli.stages import embed as embed_stage
+    from relicv2_cli.stages import export as export_stage
     from relicv2_cli.stages import features as features_stage
     from relicv2_cli.stages import linear as linear_stage
     from relicv2_cli.stages import neighbors as neighbors_stage
@@ -184,12 +186,9 @@ def _add_stages() -> None:
     analyze_app.command("neighbors")(neighbors_stage.command)
     analyze_app.command("ratios")(ratios_stage.command)
     app.command("report")(report_module.command)
-
-from relicv2_cli.stages import export as export_stage  # noqa: E402
-
-app.command("export")(export_stage.command)
-
-plain_help(app)  # after every registration: all commands get the plain --help rendering
+    app.command("export")(export_stage.command)
+    app.command("embed")(embed_stage.command)
+    plain_help(app)  # after every registration: all commands get the plain --help rendering
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ def encode_images(
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
     out = []
-    task = progress.add_task(description, total=len(images), info="", unit="images") if progress is not None else None
+    task = None
+    if progress is not None:
+        task = progress.add_task(description, total=len(images), info="", unit="images")
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
         with autocast(device, precision):
