@@ -32,7 +32,6 @@ def fake_pretrain(workdir, name, arch, width, stem, method="relicv2", with_targe
     torch.manual_seed(1)
     online = build_resnet(arch, width, stem)
     target = build_network(arch, width, stem, hidden_dim=32, out_dim=16, predictor=False)
-    target.predictor = torch.nn.Identity()
     for model in (online, target):
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
