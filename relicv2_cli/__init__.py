@@ -12,6 +12,6 @@ def load_backbone(path):
     Mismatched or foreign files raise `relicv2_cli.errors.RelicError`. torch is imported here, not
     by `import relicv2_cli`, so the command line starts fast.
     """
-    from relicv2_cli.stages.export import load_backbone as load
+    from relicv2_cli.backbone import load_backbone as load
 
     return load(path)

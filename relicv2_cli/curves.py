@@ -48,7 +48,8 @@ def curves_figure(records: list[dict], title: str):
     fig = Figure(figsize=(3.2 * cols, 2.4 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, metrics, strict=False):
-        points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), int | float) and "step" in r]
+        points = [(r["step"], r[name]) for r in records
+                  if isinstance(r.get(name), int | float) and "step" in r]
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, marker="o" if len(points) <= 20 else None, markersize=3, linewidth=1.2)
         ax.set_title(name, fontsize=9)

@@ -35,6 +35,7 @@ Name = Annotated[str | None, typer.Option(help="Artifact name; default derived f
 Seed = Annotated[int, typer.Option(help="Random seed (also the synthetic dataset's generator seed).")]
 Device = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing artifact of the same name.")]
+ForceOut = Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")]
 Quiet = Annotated[bool, typer.Option("--quiet",
                                      help="No progress bars or tables; print only the artifact path.")]
 LimitTrain = Annotated[int | None, typer.Option(help="Use only the first N training images.")]
@@ -56,6 +57,7 @@ Items = Annotated[list[str], typer.Argument(
     help="ENCODER [ENCODER ...] SPEC: one or more encoders (pretrain artifact, random:ARCH, "
          "torchvision:FILE), "
          "then the dataset (synthetic, cifar10:DIR, ...).", metavar="ENCODER... SPEC", show_default=False)]
+Split = Annotated[str, typer.Option(help="Split to embed: train, val (when the dataset has one) or test.")]
 EmbedBatch = Annotated[int, typer.Option(help="Images per forward pass when features are computed.")]
 L2Grid = Annotated[str, typer.Option(help="L2 strengths to try: START:STOP:N log-spaced, or a comma list.")]
 ValFraction = Annotated[float,
@@ -108,8 +110,9 @@ class PlainProgress(Progress):
 
     Tasks are tracked as by Rich (speed and ETA over its 30 s window) but never drawn; instead each
     task prints a line when it advances and `every` seconds have passed since its last line, and
-    one when it finishes (unless it is a nested task that took less than `every` seconds). A task may carry `unit` (what it counts, e.g. "images") and
-    `images_per_item` (e.g. the batch size of a step) fields for the rate.
+    one when it finishes (unless it is a nested task that took less than `every` seconds). A task may
+    carry `unit` (what it counts, e.g. "images") and `images_per_item` (e.g. the batch size of a
+    step) fields for the rate.
     """
 
     def __init__(self, every: float):
@@ -148,7 +151,8 @@ class PlainProgress(Progress):
 
     @staticmethod
     def line(task) -> str:
-        """e.g. `relicv2 demo: 120/1000 (12%) loss 1.234 | 3.1 it/s, 794 images/s | 0:00:39 elapsed, ETA 0:04:44`."""
+        """e.g. `relicv2 demo: 120/1000 (12%) loss 1.234 | 3.1 it/s, 794 images/s | 0:00:39 elapsed,
+        ETA 0:04:44` (one line)."""
         total = f"/{task.total:g} ({100 * task.completed / task.total:.0f}%)" if task.total else ""
         info = str(task.fields.get("info") or "")
         parts = [f"{task.description}: {task.completed:g}{total}" + (f" {info}" if info else "")]

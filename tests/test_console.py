@@ -28,7 +28,8 @@ def test_plain_line_rate_and_eta_by_hand(monkeypatch):
         assert printed == []  # info alone is no progress
         progress.update(task, completed=20)
         # 10 steps in the 5 s between the two samples: 2 steps/s, 16 images/s; 80 steps left: 40 s.
-        assert printed == ["pretrain run: 20/100 (20%) loss 1.500 | 2 it/s, 16 images/s | 0:00:10 elapsed, ETA 0:00:40"]
+        assert printed == ["pretrain run: 20/100 (20%) loss 1.500 | 2 it/s, 16 images/s | 0:00:10 elapsed, "
+                           "ETA 0:00:40"]
         clock[0] = 12.0
         progress.update(task, completed=100)  # finishing prints at once
         assert printed[-1].startswith("pretrain run: 100/100 (100%) loss 1.500 |") and printed[-1].endswith(
@@ -46,8 +47,8 @@ def test_progress_lines_of_a_cli_run_off_a_terminal(tmp_path, cli, monkeypatch):
     assert lines[-1].endswith(", done") and "images/s" in lines[-1]
     monkeypatch.setenv("RELICV2_PROGRESS_EVERY", "30")  # default interval: only the end of a short run
     result = cli(*args, "--force", "--name", "again")
-    assert [line for line in result.err.splitlines() if "features random:resnet18 train: " in line][0].startswith(
-        "features random:resnet18 train: 64/64 (100%)")
+    lines = [line for line in result.err.splitlines() if "features random:resnet18 train: " in line]
+    assert lines[0].startswith("features random:resnet18 train: 64/64 (100%)")
     monkeypatch.setenv("RELICV2_PROGRESS_EVERY", "soon")
     bad = cli(*args, "--name", "third")
     assert bad.code == 2 and "RELICV2_PROGRESS_EVERY must be a number of seconds >= 0, got 'soon'" in bad.err
@@ -56,11 +57,13 @@ def test_progress_lines_of_a_cli_run_off_a_terminal(tmp_path, cli, monkeypatch):
 def test_pretrain_off_a_terminal_prints_a_line_per_step_with_the_loss(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("RELICV2_PROGRESS_EVERY", "0")
     result = cli("pretrain", "synthetic", "--limit-train", "32", "--limit-test", "16", "--width", "0.25",
-                 "--batch-size", "16", "--epochs", "2", "--max-steps", "3", "--proj-hidden", "32", "--proj-dim", "16",
-                 "--log-every", "1", "--workdir", tmp_path, "--precision", "fp32")
+                 "--batch-size", "16", "--epochs", "2", "--max-steps", "3", "--proj-hidden", "32",
+                 "--proj-dim", "16", "--log-every", "1", "--workdir", tmp_path, "--precision", "fp32")
     assert result.code == 0, result.err
-    lines = [line for line in result.err.splitlines() if line.startswith("relicv2 relicv2-synthetic-resnet18: ")]
-    assert [re.search(r": (\d)/3 \(\d+%\) loss \d\.\d{3}", line).group(1) for line in lines] == ["1", "2", "3"]
+    lines = [line for line in result.err.splitlines()
+             if line.startswith("relicv2 relicv2-synthetic-resnet18: ")]
+    steps = [re.search(r": (\d)/3 \(\d+%\) loss \d\.\d{3}", line).group(1) for line in lines]
+    assert steps == ["1", "2", "3"]
     assert "ETA" in lines[1] and lines[-1].endswith(", done")
 
 
@@ -72,15 +75,16 @@ def test_rich_bar_in_a_terminal_and_nothing_when_quiet(monkeypatch):
         assert type(progress) is Progress and progress.disable
 
 
-@pytest.mark.parametrize("command", [(), ("pretrain",), ("embed",), ("export",), ("data", "info"), ("artifacts", "show"),
-                                     ("analyze", "neighbors"), ("eval", "linear"), ("report",)])
+@pytest.mark.parametrize("command", [(), ("pretrain",), ("embed",), ("export",), ("data", "info"),
+                                     ("artifacts", "show"), ("analyze", "neighbors"), ("eval", "linear"),
+                                     ("report",)])
 def test_help_has_no_brace_placeholders_or_bool_types(cli, command):
     result = cli(*command, "--help")
     assert result.code == 0
     assert "<bool>" not in result.out and "{" not in result.out
     usage = next(line for line in result.out.splitlines() if "Usage:" in line)
-    expected = {("embed",): "ENCODER SPEC", ("analyze", "neighbors"): "ENCODER... SPEC", ("report",): "[WORKDIR]",
-                ("data", "info"): "SPEC", ("artifacts", "show"): "ART"}
+    expected = {("embed",): "ENCODER SPEC", ("analyze", "neighbors"): "ENCODER... SPEC",
+                ("report",): "[WORKDIR]", ("data", "info"): "SPEC", ("artifacts", "show"): "ART"}
     if command in expected:
         assert usage.rstrip().endswith(expected[command])
 

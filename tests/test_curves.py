@@ -35,9 +35,9 @@ def test_one_subplot_per_metric_with_its_own_steps():
 
 def test_report_draws_each_pretrain_run(tmp_path, cli):
     runs = tmp_path / "runs"
-    cfg = PretrainConfig(spec="synthetic", limit_train=32, limit_test=16, arch="resnet18", width=0.25, proj_hidden=32,
-                         proj_dim=16, batch_size=16, epochs=2.0, warmup_epochs=0.5, log_every=1, eval_every=2,
-                         max_steps=4)
+    cfg = PretrainConfig(spec="synthetic", limit_train=32, limit_test=16, arch="resnet18", width=0.25,
+                         proj_hidden=32, proj_dim=16, batch_size=16, epochs=2.0, warmup_epochs=0.5,
+                         log_every=1, eval_every=2, max_steps=4)
     real = run_pretrain(cfg, workdir=runs, quiet=True)
     fake_run(runs, "other", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])
     result = cli("report", runs)

@@ -12,7 +12,7 @@ from relicv2_cli.data import load_dataset
 from relicv2_cli.encoders import load_encoder
 from relicv2_cli.models import build_resnet
 from relicv2_cli.stages.embed import write_embeddings
-from relicv2_cli.stages.features import extract_features, read_features
+from relicv2_cli.features import extract_features, read_features
 
 DATA = ("synthetic", "--limit-train", "24", "--limit-test", "12", "--image-size", "16")
 
@@ -21,7 +21,8 @@ def make_pretrain(workdir):
     torch.manual_seed(0)
     model = build_resnet("resnet18", 0.25, "cifar")
     with Staging(workdir, "pretrain", "tiny") as staging:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging.dir / "backbone.safetensors"))
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging.dir / "backbone.safetensors"))
         return staging.commit(config={"arch": "resnet18", "width": 0.25, "stem": "cifar", "image_size": 16,
                                       "method": "relicv2"})
 
@@ -58,8 +59,10 @@ def test_embed_writes_every_format_with_labels_and_attributes(tmp_path, cli):
     pt = tmp_path / "train.pt"
     assert cli("embed", art.path, *DATA, "--format", "torch", "--out", pt).code == 0
     payload = torch.load(pt, weights_only=True)
-    assert payload["embeddings"].shape == (24, 128) and payload["labels"].tolist() == dataset.train.labels.tolist()
-    assert payload["metadata"]["digest"] == art.digest and payload["metadata"]["class_names"] == dataset.class_names
+    assert payload["embeddings"].shape == (24, 128)
+    assert payload["labels"].tolist() == dataset.train.labels.tolist()
+    assert payload["metadata"]["digest"] == art.digest
+    assert payload["metadata"]["class_names"] == dataset.class_names
 
     again = cli("embed", art.path, *DATA, "--out", h5)
     assert again.code == 2 and f"{h5} exists (use --force to replace it)" in again.err
@@ -83,5 +86,6 @@ def test_features_h5_carries_encoder_split_and_class_names(tmp_path):
     art = extract_features(encoder, dataset, "test", workdir=tmp_path, quiet=True, device="cpu")
     with h5py.File(art.path / "features.h5") as f:
         attrs = dict(f.attrs)
-    assert attrs["encoder"] == "random:resnet18" and attrs["split"] == "test" and attrs["dataset"] == "synthetic"
+    assert attrs["encoder"] == "random:resnet18" and attrs["split"] == "test"
+    assert attrs["dataset"] == "synthetic"
     assert attrs["digest"] == encoder.key and list(attrs["class_names"]) == dataset.class_names

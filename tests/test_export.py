@@ -1,4 +1,5 @@
-"""`relicv2 export` and `relicv2_cli.load_backbone`: round trips into torchvision, online vs EMA target, refusals."""
+"""`relicv2 export` and `relicv2_cli.load_backbone`: round trips into torchvision, online vs EMA target,
+refusals."""
 
 import pytest
 import torch
@@ -38,17 +39,20 @@ def fake_pretrain(workdir, name, arch, width, stem, method="relicv2", with_targe
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     with Staging(workdir, "pretrain", name) as staging:
-        save_file({k: v.contiguous() for k, v in online.state_dict().items()}, str(staging.dir / "backbone.safetensors"))
+        state = {k: v.contiguous() for k, v in online.state_dict().items()}
+        save_file(state, str(staging.dir / "backbone.safetensors"))
         if with_target:
             torch.save({"step": 1, "target": target.state_dict() if method != "supervised" else {}},
                        staging.dir / "checkpoint.pt")
-        return staging.commit(config={"arch": arch, "width": width, "stem": stem, "image_size": 32, "method": method})
+        return staging.commit(config={"arch": arch, "width": width, "stem": stem, "image_size": 32,
+                                      "method": method})
 
 
 def test_export_round_trips_into_torchvision_resnet18_online_and_target(tmp_path, cli):
-    cfg = PretrainConfig(spec="synthetic", limit_train=16, limit_test=16, arch="resnet18", width=1.0, stem="imagenet",
-                         proj_hidden=64, proj_dim=32, batch_size=8, epochs=2.0, warmup_epochs=0.5, log_every=1,
-                         eval_every=0, max_steps=2, precision="fp32")  # bf16 on 1 thread: NaN weights
+    cfg = PretrainConfig(spec="synthetic", limit_train=16, limit_test=16, arch="resnet18", width=1.0,
+                         stem="imagenet", proj_hidden=64, proj_dim=32, batch_size=8, epochs=2.0,
+                         warmup_epochs=0.5, log_every=1, eval_every=0, max_steps=2,
+                         precision="fp32")  # bf16 on 1 thread: NaN weights
     art = run_pretrain(cfg, workdir=tmp_path / "runs", quiet=True)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     out = {}
@@ -73,7 +77,8 @@ def test_export_round_trips_into_torchvision_resnet18_online_and_target(tmp_path
         for fmt in ("torchvision", "timm", "safetensors"):
             backbone = relicv2_cli.load_backbone(out[network, fmt])
             assert backbone.metadata["network"] == network and backbone.metadata["digest"] == art.digest
-            assert backbone.metadata["image_size"] == 32 and backbone.metadata["mean"] == [0.485, 0.456, 0.406]
+            assert backbone.metadata["image_size"] == 32
+            assert backbone.metadata["mean"] == [0.485, 0.456, 0.406]
             assert (features64(backbone, x) - ref).abs().max() < 1e-5
     # timm's ResNet uses torchvision's key names: the two files hold the same tensors.
     tv_state, timm_state = torch.load(out["online", "torchvision"]), torch.load(out["online", "timm"])
@@ -87,7 +92,8 @@ def test_export_resnet50_loads_into_torchvision(tmp_path, cli):
     online_ref = features64(load_encoder(art.path).model, x)
     for network in ("online", "target"):
         path = tmp_path / f"{network}.pth"
-        assert cli("export", art.path, "--network", network, "--format", "torchvision", "--out", path).code == 0
+        result = cli("export", art.path, "--network", network, "--format", "torchvision", "--out", path)
+        assert result.code == 0
         tv = features64(torchvision_model("resnet50", path), x)
         if network == "online":
             assert (tv - online_ref).abs().max() < 1e-5
@@ -101,16 +107,17 @@ def test_export_refusals(tmp_path, cli):
     out = tmp_path / "small.pth"
     result = cli("export", small.path, "--format", "torchvision", "--out", out)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
-    assert ("cannot export as --format torchvision: torchvision's resnet18 has another shape (its cifar stem is "
-            "a 3x3 stride-1 conv1 without max-pool (theirs: 7x7 stride 2 + max-pool); its width 0.25 gives 16 stem "
-            "channels (theirs: 64)); use --format safetensors") in result.err
+    assert ("cannot export as --format torchvision: torchvision's resnet18 has another shape (its cifar "
+            "stem is a 3x3 stride-1 conv1 without max-pool (theirs: 7x7 stride 2 + max-pool); its width 0.25 "
+            "gives 16 stem channels (theirs: 64)); use --format safetensors") in result.err
     assert not out.exists()
 
     # The toolkit's own layout takes any shape and reloads to the same network.
     st = tmp_path / "small.safetensors"
     assert cli("export", small.path, "--out", st).code == 0
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(features64(relicv2_cli.load_backbone(st), x), features64(load_encoder(small.path).model, x))
+    reloaded = features64(relicv2_cli.load_backbone(st), x)
+    assert torch.equal(reloaded, features64(load_encoder(small.path).model, x))
     again = cli("export", small.path, "--out", st)
     assert again.code == 2 and f"{st} exists (use --force to replace it)" in again.err
     assert cli("export", small.path, "--out", st, "--force", "--network", "target").code == 0

@@ -56,7 +56,8 @@ def write_embeddings(path: Path, fmt: str, embeddings: np.ndarray, labels: np.nd
         writer.writerow(["index", *(["label"] if labels is not None else []),
                          *(f"f{j}" for j in range(embeddings.shape[1]))])
         for i, row in enumerate(embeddings):
-            writer.writerow([i, *([int(labels[i])] if labels is not None else []), *(f"{v:.7g}" for v in row)])
+            label = [int(labels[i])] if labels is not None else []
+            writer.writerow([i, *label, *(f"{v:.7g}" for v in row)])
         buffer.write(text.getvalue().encode())
     else:
         payload = {"embeddings": torch.from_numpy(embeddings), "indices": torch.from_numpy(indices),
@@ -68,23 +69,25 @@ def write_embeddings(path: Path, fmt: str, embeddings: np.ndarray, labels: np.nd
 
 
 def command(
-    encoder: Annotated[str, typer.Argument(help="Pretrain artifact, random:ARCH or torchvision:FILE.", show_default=False)],
+    encoder: options.Encoder,
     spec: options.Spec,
-    out: Annotated[Path, typer.Option(help="File to write (.h5, .npy, .csv or .pt, matching --format).", show_default=False)],
-    fmt: Annotated[str, typer.Option("--format", help="h5 (with labels and attributes), npy (array only), csv or torch.")] = "h5",
-    split: Annotated[str, typer.Option(help="Split to embed: train, val (when the dataset has one) or test.")] = "train",
+    out: Annotated[Path, typer.Option(help="File to write (.h5, .npy, .csv or .pt, matching --format).",
+                                      show_default=False)],
+    fmt: Annotated[str, typer.Option(
+        "--format", help="h5 (with labels and attributes), npy (array only), csv or torch.")] = "h5",
+    split: options.Split = "train",
     arch: options.Arch = "resnet18",
     width: options.Width = 1.0,
     stem: options.Stem = "cifar",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast) or fp32.")] = "bf16",
+    batch_size: options.EmbedBatch = 256,
+    precision: options.Precision = "bf16",
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
     seed: options.Seed = 0,
     device: options.Device = "auto",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+    force: options.ForceOut = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Embed one split with a frozen encoder (centre view) into an HDF5, npy, csv or torch file."""
@@ -115,5 +118,6 @@ def command(
     write_embeddings(out, fmt, embeddings, labels, attributes)
     if not quiet:
         options.console.print(f"{enc.label} on {spec} {split}: {embeddings.shape[0]} x {embeddings.shape[1]} "
-                              f"embeddings at {size} px -> {out}", markup=False, highlight=False, soft_wrap=True)
+                              f"embeddings at {size} px -> {out}", markup=False, highlight=False,
+                              soft_wrap=True)
     options.finish(out)
