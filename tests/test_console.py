@@ -1,12 +1,20 @@
 """Console output: plain progress lines off a terminal, the Rich bar in one, and --help rendering."""
 
+import importlib
+import inspect
 import io
+import os
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 from rich.progress import Progress
 
+from relicv2_cli import cli as cli_module
 from relicv2_cli import options
 from relicv2_cli.errors import RelicError
 
@@ -65,6 +73,7 @@ def test_pretrain_off_a_terminal_prints_a_line_per_step_with_the_loss(tmp_path, 
     steps = [re.search(r": (\d)/3 \(\d+%\) loss \d\.\d{3}", line).group(1) for line in lines]
     assert steps == ["1", "2", "3"]
     assert "ETA" in lines[1] and lines[-1].endswith(", done")
+    assert re.search(r"\| [\d.e+-]+ steps/s, \d+ images/s \|", lines[-1]), lines[-1]  # 16 images a step
 
 
 def test_rich_bar_in_a_terminal_and_nothing_when_quiet(monkeypatch):
@@ -75,7 +84,7 @@ def test_rich_bar_in_a_terminal_and_nothing_when_quiet(monkeypatch):
         assert type(progress) is Progress and progress.disable
 
 
-@pytest.mark.parametrize("command", [(), ("pretrain",), ("embed",), ("export",), ("data", "info"),
+@pytest.mark.parametrize("command", [(), ("pretrain",), ("rerun",), ("embed",), ("export",), ("data", "info"),
                                      ("artifacts", "show"), ("analyze", "neighbors"), ("eval", "linear"),
                                      ("report",)])
 def test_help_has_no_brace_placeholders_or_bool_types(cli, command):
@@ -84,7 +93,8 @@ def test_help_has_no_brace_placeholders_or_bool_types(cli, command):
     assert "<bool>" not in result.out and "{" not in result.out
     usage = next(line for line in result.out.splitlines() if "Usage:" in line)
     expected = {("embed",): "ENCODER SPEC", ("analyze", "neighbors"): "ENCODER... SPEC",
-                ("report",): "[WORKDIR]", ("data", "info"): "SPEC", ("artifacts", "show"): "ART"}
+                ("report",): "[WORKDIR]", ("data", "info"): "SPEC", ("artifacts", "show"): "ART",
+                ("rerun",): "ART"}
     if command in expected:
         assert usage.rstrip().endswith(expected[command])
 
@@ -93,3 +103,31 @@ def test_bad_progress_interval_is_an_error(monkeypatch):
     monkeypatch.setenv("RELICV2_PROGRESS_EVERY", "-1")
     with pytest.raises(RelicError, match="got '-1'"):
         options.progress_every()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["eval", "--help"], ["analyze", "--help"]])
+def test_help_lists_every_command_without_importing_torch(args):
+    """The stage modules import torch (seconds); a group's --help lists its commands without them."""
+    code = (f"import sys; sys.argv = ['relicv2', *{args!r}]; from relicv2_cli.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                              "COLUMNS": "200"})
+    seconds = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    table = {(): cli_module.STAGES, ("eval",): cli_module.EVAL_STAGES,
+             ("analyze",): cli_module.ANALYZE_STAGES}[tuple(args[:-1])]
+    for name, (_, _, help) in table.items():
+        assert re.search(rf"│ {name} +{re.escape(help)}", out.stdout), (name, out.stdout)
+    print(f"relicv2 {' '.join(args)}: {seconds:.2f} s")
+
+
+@pytest.mark.parametrize("table", ["STAGES", "EVAL_STAGES", "ANALYZE_STAGES"])
+def test_listed_help_is_each_commands_own(table):
+    """The --help listing comes from cli.py's tables; each entry names the command's function and
+    repeats the first paragraph of its docstring (what Typer would show)."""
+    for module, attribute, help in getattr(cli_module, table).values():
+        function = getattr(importlib.import_module(module), attribute)
+        assert help == " ".join(inspect.getdoc(function).split("\n\n")[0].split())
