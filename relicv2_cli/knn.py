@@ -13,9 +13,9 @@ from relicv2_cli.augment import center_view
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU (AMX) and CUDA; a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on CPU (AMX) and CUDA, fp16 autocast (pretrain on CUDA); a no-op for fp32."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 

@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 from relicv2_cli.artifacts import Staging
 from relicv2_cli.data import load_dataset
 from relicv2_cli.encoders import load_encoder
+from relicv2_cli.features import extract_features, read_features
 from relicv2_cli.models import build_resnet
 from relicv2_cli.stages.embed import write_embeddings
-from relicv2_cli.features import extract_features, read_features
 
 DATA = ("synthetic", "--limit-train", "24", "--limit-test", "12", "--image-size", "16")
 
