@@ -64,6 +64,17 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def tool_record() -> dict:
+    """The code that makes an artifact: the package version and the git commit (None outside git)."""
+    return {"version": __version__, "git": _git_revision()}
+
+
+def tool_differences(art: Artifact) -> list[str]:
+    """How the code that made `art` differs from this code, e.g. ["git a1b2c3d -> e4f5a6b"]."""
+    then, now = art.manifest.get("tool") or {}, tool_record()
+    return [f"{key} {then.get(key)} -> {now[key]}" for key in ("version", "git") if then.get(key) != now[key]]
+
+
 def _git_revision() -> str | None:
     try:
         out = subprocess.run(
@@ -357,7 +368,7 @@ class Staging:
             "kind": self.kind,
             "name": self.name,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "tool": {"version": __version__, "git": _git_revision()},
+            "tool": tool_record(),
             "command": command if command is not None else sys.argv,
             "config": jsonable(config),
             "parents": [p.as_parent() for p in parents],

@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -29,7 +29,7 @@ import typer
 from safetensors.torch import save_file
 from torch import nn
 
-from relicv2_cli import artifacts, distributed, options
+from relicv2_cli import artifacts, configfile, distributed, loggers, options
 from relicv2_cli.augment import JITTERS, ViewConfig, make_views
 from relicv2_cli.checkpoint import Checkpoint, nonfinite_tensors
 from relicv2_cli.data import Dataset, load_dataset
@@ -43,7 +43,9 @@ from relicv2_cli.saliency import open_masks
 METHODS = ("relicv2", "byol", "supervised")
 KL_FORMS = ("target-anchor", "swapped-views")
 BN_STATS = ("per-view", "joint")
-PRECISIONS = (*options.PRECISIONS, "fp64")  # fp64: exactness checks (tests), slow
+# fp16: CUDA only, with a gradient scaler; fp64: exactness checks (tests), slow
+PRECISIONS = (*options.PRECISIONS, "fp16", "fp64")
+CONFIG = "config.json"  # the run's PretrainConfig, for `relicv2 rerun` and `--config`
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra")
 # What it may also change after a stop on a NaN or infinity: the step size and the precision, which
@@ -152,6 +154,7 @@ class Run:
     eval_every: int
     base_lr: float
     config: dict  # what the manifest and the checkpoint record
+    scaler: torch.amp.GradScaler  # fp16: loss scaling; a pass-through otherwise
 
 
 @dataclass
@@ -213,6 +216,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr,
         last_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
         eval_every=steps_per_epoch if cfg.eval_every is None else cfg.eval_every, config=config,
+        scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
     )
 
 
@@ -270,8 +274,9 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
     if not torch.isfinite(loss_value):
         raise NonFinite(f"loss became {loss_value.item()} at step {step}")
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
+    run.scaler.update()
     if run.target is not None:
         ema_update(run.target, run.online, rate)
     probe_loss, probe_acc = _probe_step(run.train_probe, run.probe_optimizer, features,
@@ -400,12 +405,13 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
                   "probe_train_top1": out["probe_train_top1"],
                   "images_per_s": cfg.batch_size / out["seconds"],
                   "data_fraction": out["data_fraction"]}
+        if run.scaler.is_enabled():
+            record["grad_scale"] = run.scaler.get_scale()
     if (run.eval_every and step % run.eval_every == 0) or final:
         state.last_eval = _evaluate(run, progress, ddp.encode(encode_images))
         record = {"step": step, **record, **state.last_eval}
     if record:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        log.write(record)  # metrics.jsonl, and --logger's scalars
     if "loss" in record:
         knn = f" knn {state.last_eval['knn_top1']:.3f}" if state.last_eval else ""
         progress.update(task, info=f"loss {record['loss']:.3f}{knn}")
@@ -422,6 +428,7 @@ def save_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distrib
         "step": state.step, "train_s": state.train_s, "online": run.online.state_dict(),
         "probe": run.probe.state_dict(), "target": run.target.state_dict() if run.target is not None else {},
         "optimizer": run.optimizer.state_dict(), "probe_optimizer": run.probe_optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
     }
     bad = nonfinite_tensors({k: saved[k] for k in ("online", "target", "probe", "optimizer")})
     if bad:  # every process holds the same weights, so all of them stop here
@@ -441,6 +448,8 @@ def load_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distrib
     run.probe.load_state_dict(saved["probe"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.probe_optimizer.load_state_dict(saved["probe_optimizer"])
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
     state.step, state.train_s = saved["step"], saved.get("train_s", 0.0)
     state.checkpoint_step = state.step
     if ddp.is_main:
@@ -481,16 +490,22 @@ def run_pretrain(
     step_callback=None,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
     dist_sampling: str = "local",
+    logger: str | None = None,
 ) -> artifacts.Artifact:
     """Train and commit a `pretrain` artifact. `step_callback(step)` runs after every optimizer step
     (tests use it to send a signal at a chosen step). Under torchrun (RANK/WORLD_SIZE set) the run is
-    data-parallel over the processes, cfg.batch_size being the global batch (relicv2_cli.distributed)."""
+    data-parallel over the processes, cfg.batch_size being the global batch (relicv2_cli.distributed).
+    `logger`: tensorboard or mlflow, which also receive metrics.jsonl's scalars (relicv2_cli.loggers)."""
     _check_config(cfg)
     # identity on one process
     ddp = distributed.setup(options.resolve_device(device), dist_timeout, dist_sampling)
     ddp.check_batch(cfg.batch_size)
     if cfg.precision == "bf16" and ddp.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RelicError("this GPU does not support bf16; use --precision fp32")
+    if cfg.precision == "fp16" and ddp.device.type != "cuda":
+        # CPUs without fp16 units emulate it: measured 30x slower than fp32 (docs/pretrain.md)
+        raise RelicError("--precision fp16 needs a CUDA device (float16 autocast with a gradient scaler); "
+                         "on the CPU use bf16 or fp32")
     run = setup(cfg, ddp.device, ddp)
     name = name or f"{cfg.method}-{cfg.spec.split(':')[0]}-{cfg.arch}"
     # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
@@ -503,12 +518,15 @@ def run_pretrain(
         checkpoint, state = Checkpoint(staging.dir, run.config, may_change), State()
         if resume:
             load_checkpoint(run, state, checkpoint, ddp)
+        if ddp.is_main:
+            artifacts.atomic_write_bytes(staging.dir / CONFIG, _settings_json(cfg))
         t_start = time.perf_counter()
         try:
-            with open(staging.dir / artifacts.METRICS if ddp.is_main else os.devnull, "a") as log, \
+            with loggers.RunLog(staging.dir / artifacts.METRICS if ddp.is_main else None, logger, name=name,
+                                params=run.config, start_step=state.step) as log, \
                     options.progress_bar(quiet or not ddp.is_main) as progress:
                 task = progress.add_task(f"{cfg.method} {name}", total=run.last_step, completed=state.step,
-                                         info="")
+                                         info="", unit="steps", images_per_item=cfg.batch_size)
                 train(run, state, checkpoint, ddp, log=log, progress=progress, task=task,
                       step_callback=step_callback)
             save_checkpoint(run, state, checkpoint, ddp)
@@ -560,6 +578,10 @@ def _commit(run: Run, state: State, staging, t_start: float) -> artifacts.Artifa
                     if k in final})
     return staging.commit(config=run.config, parents=run.parents, dataset=run.dataset.record(),
                           metrics=metrics)
+
+
+def _settings_json(cfg: PretrainConfig) -> bytes:
+    return (json.dumps(artifacts.jsonable(asdict(cfg)), indent=2) + "\n").encode()
 
 
 MIN_CROP = 8  # px: smaller crops leave the ResNet's last stage a 1x1 map of a few pixels' worth
@@ -639,11 +661,17 @@ def _opt(help: str, *flags: str):
     return typer.Option(*flags, help=help)
 
 
+Logger = Annotated[str | None, _opt("tensorboard or mlflow: also send metrics.jsonl's scalars there "
+                                   "(optional extras).")]
+
+
 def command(
     ctx: typer.Context,
     spec: options.Spec = D.spec,
     method: Annotated[str, _opt("relicv2, byol or supervised.")] = D.method,
     saliency: Annotated[Path | None, _opt("Saliency artifact: remove the background of large crops.")] = None,
+    config: Annotated[Path | None, _opt("Settings file (.json, .yaml): option names or PretrainConfig fields "
+                                        "to values; options given on the command line win.")] = None,
     preset: Annotated[str | None,
                       _opt("imagenet-1000ep: the paper's ImageNet settings; explicit options win.")] = None,
     arch: options.Arch = D.arch,
@@ -692,14 +720,15 @@ def command(
                             _opt("Weight decay (not on biases and norm parameters).")] = D.weight_decay,
     warmup_epochs: Annotated[float, _opt("Linear warm-up epochs before the cosine decay.")] = D.warmup_epochs,
     ema_base: Annotated[float, _opt("Target EMA rate at step 0, rising to 1 by a cosine.")] = D.ema_base,
-    precision: Annotated[str, _opt("bf16 (autocast), fp32, or fp64 (float64 everywhere: slow; for exactness "
-                                   "checks).")] = D.precision,
+    precision: Annotated[str, _opt("bf16 (autocast), fp16 (CUDA: autocast + gradient scaler), fp32, or fp64 "
+                                   "(float64 everywhere: slow; for exactness checks).")] = D.precision,
     deterministic: Annotated[bool, _opt("Deterministic kernels.", "--deterministic")] = D.deterministic,
     checkpoint_every: Annotated[int, _opt("Save a resumable checkpoint every N steps.")] = D.checkpoint_every,
     eval_every: Annotated[int | None, _opt("kNN + probe test accuracy every N steps (default: each "
                                            "epoch; 0: at the end).")] = D.eval_every,
     log_every: Annotated[int, _opt("Write a metrics.jsonl line every N steps.")] = D.log_every,
     resume: Annotated[bool, _opt("Continue an interrupted run of the same --name.", "--resume")] = False,
+    logger: Logger = None,
     dist_timeout: Annotated[float, _opt("torchrun: seconds to wait for the other processes in a "
                                         "collective.")] = distributed.DEFAULT_TIMEOUT_S,
     dist_sampling: Annotated[str,
@@ -721,7 +750,7 @@ def command(
 def _run_command(ctx: typer.Context, values: dict) -> None:
     """The command's options -> PretrainConfig (the preset filling options left at their default)
     -> run_pretrain -> a one-line summary and the artifact path."""
-    preset = values.pop("preset")
+    preset, config = values.pop("preset"), values.pop("config")
     if preset is not None:
         if preset not in PRESETS:
             raise RelicError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}")
@@ -733,8 +762,45 @@ def _run_command(ctx: typer.Context, values: dict) -> None:
     values["small_scale"] = (values.pop("small_scale_min"), values.pop("small_scale_max"))
     values["saliency"] = str(values["saliency"]) if values["saliency"] else None
     run_options = {k: values.pop(k) for k in ("workdir", "name", "device", "force", "resume", "quiet",
-                                              "dist_timeout", "dist_sampling")}
-    cfg = PretrainConfig(**values, extra={"preset": preset})
+                                              "dist_timeout", "dist_sampling", "logger")}
+    extra = {"preset": preset}
+    if config is not None:
+        values, extra = _with_file(ctx, values, config, preset)
+    _finish_command(PretrainConfig(**values, extra=extra), run_options)
+
+
+# Options whose names differ from PretrainConfig's fields (settings files may use either).
+OPTION_FIELDS = {"time_budget": "time_budget_min"}
+SMALL_SCALE = ("small_scale_min", "small_scale_max")
+
+
+def _with_file(ctx: typer.Context, values: dict, path: Path, preset: str | None) -> tuple[dict, dict]:
+    """`values` (the options, preset applied) with a settings file's values for every option not given
+    on the command line. The file may hold any PretrainConfig field, also those without an option."""
+    what = f"--config {path}"
+    settings = configfile.read_settings(path)
+    settings = {OPTION_FIELDS.get(k, k): v for k, v in settings.items()}
+    if any(k in settings for k in SMALL_SCALE):
+        small = list(settings.pop("small_scale", values["small_scale"]))
+        for i, key in enumerate(SMALL_SCALE):
+            small[i] = settings.pop(key, small[i])
+        settings["small_scale"] = small
+    settings = configfile.check_settings(PretrainConfig, settings, what)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name != "DEFAULT"}
+    for key, value in settings.items():
+        if key == "small_scale":  # one option per bound
+            value = tuple(values[key][i] if SMALL_SCALE[i] in given else value[i] for i in range(2))
+        elif {key, *(k for k, v in OPTION_FIELDS.items() if v == key)} & given:
+            continue
+        values[key] = value
+    extra = {"preset": None, **values.pop("extra", {}), "config": str(path)}
+    if preset is not None:  # the file's extra may name the preset its values came from
+        extra["preset"] = preset
+    return values, extra
+
+
+def _finish_command(cfg: PretrainConfig, run_options: dict) -> None:
+    """run_pretrain, then a one-line summary and the artifact path."""
     art = run_pretrain(cfg, **run_options)
     if not distributed.is_main_process():  # torchrun: rank 0 prints the summary and the path
         return
@@ -745,3 +811,42 @@ def _run_command(ctx: typer.Context, values: dict) -> None:
                               f"{m.get('knn_top1', float('nan')):.3f}, probe top-1 "
                               f"{m.get('probe_top1', float('nan')):.3f}")
     options.finish(art.path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `relicv2 rerun`: a pretrain artifact's recorded settings (config.json) into a new artifact.
+
+
+def rerun(
+    art: Annotated[Path, typer.Argument(help="A pretrain artifact directory.", show_default=False)],
+    workdir: Annotated[Path | None, _opt("Root folder of the new artifact (default: ART's).")] = None,
+    name: Annotated[str | None, _opt("Name of the new artifact (default: ART's name + '-rerun').")] = None,
+    logger: Logger = None,
+    device: options.Device = "auto",
+    force: options.Force = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Run a pretrain artifact's recorded settings again into a new artifact."""
+    source = artifacts.load_artifact(art, kind="pretrain")
+    if CONFIG not in source.manifest.get("files", {}):
+        raise RelicError(f"{source.path} has no {CONFIG} (made before `relicv2 rerun` existed); its settings "
+                         "are in its manifest's config")
+    recorded = configfile.read_settings(source.file(CONFIG), f"{source.path}/{CONFIG}")
+    known = {f.name for f in fields(PretrainConfig)}
+    settings = configfile.check_settings(PretrainConfig, {k: v for k, v in recorded.items() if k in known},
+                                         f"{source.path}/{CONFIG}")
+    notes = [f"code {', '.join(diff)}" for diff in [artifacts.tool_differences(source)] if diff]
+    if set(recorded) - known:
+        notes.append(f"settings this code no longer has, ignored: {', '.join(sorted(set(recorded) - known))}")
+    if known - set(recorded):
+        defaults = asdict(D)
+        notes.append("settings that code did not record, at today's defaults: "
+                     + ", ".join(f"{k}={defaults[k]!r}" for k in sorted(known - set(recorded))))
+    if notes:  # say it even with --quiet: the new run may differ from ART for these reasons alone
+        options.console.print(f"rerun of {source.path}: " + "; ".join(notes), markup=False, highlight=False,
+                              soft_wrap=True)
+    settings["extra"] = {**settings.get("extra", {}), "rerun_of": str(source.path.resolve()),
+                         "rerun_of_digest": source.digest}
+    run_options = {"workdir": workdir or source.path.parent.parent, "name": name or f"{source.name}-rerun",
+                   "device": device, "force": force, "resume": False, "quiet": quiet, "logger": logger}
+    _finish_command(PretrainConfig(**settings), run_options)
