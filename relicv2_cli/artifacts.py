@@ -64,6 +64,17 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def tool_record() -> dict:
+    """The code that makes an artifact: the package version and the git commit (None outside git)."""
+    return {"version": __version__, "git": _git_revision()}
+
+
+def tool_differences(art: Artifact) -> list[str]:
+    """How the code that made `art` differs from this code, e.g. ["git a1b2c3d -> e4f5a6b"]."""
+    then, now = art.manifest.get("tool") or {}, tool_record()
+    return [f"{key} {then.get(key)} -> {now[key]}" for key in ("version", "git") if then.get(key) != now[key]]
+
+
 def _git_revision() -> str | None:
     try:
         out = subprocess.run(
@@ -94,9 +105,17 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def no_space(error: BaseException) -> bool:
-    """Whether an error means the disk is full (h5py puts errno 28 in a long multi-line message)."""
-    return isinstance(error, OSError) and (error.errno == errno.ENOSPC or "errno = 28" in str(error))
+def no_space(error: BaseException | None) -> bool:
+    """Whether an error means the disk is full (h5py puts errno 28 in a long multi-line message), also
+    when another error replaced it while unwinding: torch.save's zip writer raises "unexpected pos"
+    from its __exit__, with the full disk's OSError as its context."""
+    for _ in range(8):  # a short chain; guards against cycles
+        if error is None:
+            return False
+        if isinstance(error, OSError) and (error.errno == errno.ENOSPC or "errno = 28" in str(error)):
+            return True
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return False
 
 
 def no_space_error(path: Path) -> RelicError:
@@ -118,7 +137,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
 
     Writers that take a file object write through Python, whose OSError carries the errno:
     `atomic_write(p, lambda f: torch.save(state, f))` (torch.save to a *path* reports a full disk
-    as "unexpected pos")."""
+    as "unexpected pos" alone; to a file object the OSError is that error's context)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -298,9 +317,12 @@ class Staging:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise RelicError(f"invalid artifact name {self.name!r}")
         self.final = artifact_path(self.workdir, self.kind, self.name)
-        if self.final.exists() and not self.force:
-            raise RelicError(f"artifact exists: {self.final} (use --force to replace it)")
         self.dir = self.final.parent / f".{self.name}.partial"
+        if self.final.exists() and not self.force:
+            if self.resume and self.resumable and self.dir.exists():  # an interrupted --force run
+                raise RelicError(f"artifact exists: {self.final}; --resume --force continues the interrupted "
+                                 "run and replaces it")
+            raise RelicError(f"artifact exists: {self.final} (use --force to replace it)")
         if self.dir.exists():
             if self.resume and self.resumable:
                 return
@@ -346,7 +368,7 @@ class Staging:
             "kind": self.kind,
             "name": self.name,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "tool": {"version": __version__, "git": _git_revision()},
+            "tool": tool_record(),
             "command": command if command is not None else sys.argv,
             "config": jsonable(config),
             "parents": [p.as_parent() for p in parents],

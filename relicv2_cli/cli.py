@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -17,6 +16,7 @@ from rich.tree import Tree
 
 from relicv2_cli import __version__, artifacts
 from relicv2_cli.errors import RelicError
+from relicv2_cli.helpformat import lazy_group, plain_help
 from relicv2_cli.options import (
     DEFAULT_WORKDIR,
     ImageSize,
@@ -27,7 +27,50 @@ from relicv2_cli.options import (
     Spec,
 )
 
+# The stage commands: (module, function, the one-line help --help lists). Their modules import torch
+# (seconds), so a stage is imported only when it runs or shows its own --help (helpformat.LazyGroup);
+# tests/test_console.py checks each one-line help against the function's docstring.
+STAGES = {
+    "pretrain": ("relicv2_cli.stages.pretrain", "command",
+                 "Pre-train a ResNet with RELICv2 (or BYOL / supervised) and write a `pretrain` artifact."),
+    "rerun": ("relicv2_cli.stages.pretrain", "rerun",
+              "Run a pretrain artifact's recorded settings again into a new artifact."),
+    "saliency": ("relicv2_cli.stages.saliency", "command",
+                 "Precompute background-removal masks (unsupervised saliency) for SPEC, or import them "
+                 "(--from-dir)."),
+    "report": ("relicv2_cli.report", "command",
+               "Gather every artifact's metrics into report.md: one table per stage, encoders as rows, with "
+               "lineage."),
+    "export": ("relicv2_cli.stages.export", "command",
+               "Export a pretrain artifact's backbone (online or EMA target) for torchvision, timm or "
+               "safetensors."),
+    "embed": ("relicv2_cli.stages.embed", "command",
+              "Embed one split with a frozen encoder (centre view) into an HDF5, npy, csv or torch file."),
+}
+EVAL_STAGES = {
+    "features": ("relicv2_cli.stages.features", "command",
+                 "Embed one split with a frozen encoder (centre view) into a cached `features` artifact."),
+    "linear": ("relicv2_cli.stages.linear", "command",
+               "Linear evaluation of a frozen encoder: top-1/top-5 on the test split -> a `linear` "
+               "artifact."),
+    "semi": ("relicv2_cli.stages.semi", "command",
+             "Fine-tune the whole network on a class-balanced label subset; top-1/top-5 on the full test "
+             "split."),
+    "transfer": ("relicv2_cli.stages.transfer", "command",
+                 "Transfer: per target dataset, L2 chosen on validation, refit on train+val, test score; "
+                 "encoders side by side."),
+}
+ANALYZE_STAGES = {
+    "neighbors": ("relicv2_cli.stages.neighbors", "command",
+                  "Nearest neighbors of a few classes' test images, side by side per encoder, + agreement "
+                  "and kNN."),
+    "ratios": ("relicv2_cli.stages.ratios", "command",
+               "Linear discriminant ratio per class and per image (inter / intra L2 distance), encoders on "
+               "one figure."),
+}
+
 app = typer.Typer(
+    cls=lazy_group(STAGES),
     help="RELICv2 self-supervised learning, end to end: saliency -> pretrain -> eval -> analyze.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -35,8 +78,14 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 artifacts_app = typer.Typer(help="List, show, verify and trace artifacts.", no_args_is_help=True)
+eval_app = typer.Typer(cls=lazy_group(EVAL_STAGES), no_args_is_help=True,
+                       help="Evaluate encoders: linear probe, semi-supervised fine-tuning, transfer.")
+analyze_app = typer.Typer(cls=lazy_group(ANALYZE_STAGES), no_args_is_help=True,
+                          help="Analyse representations: nearest neighbours and linear discriminant ratios.")
 app.add_typer(data_app, name="data")
 app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(eval_app, name="eval")
+app.add_typer(analyze_app, name="analyze")
 
 
 def _print_version(value: bool) -> None:
@@ -155,34 +204,7 @@ def artifacts_lineage(art: Annotated[Path, typer.Argument(help="Artifact directo
     typer.echo(_table_text(root))
 
 
-@functools.cache
-def _add_stages() -> None:
-    """Register the stage commands. Their modules import torch (seconds), which `--version` skips."""
-    from relicv2_cli import report as report_module
-    from relicv2_cli.stages import features as features_stage
-    from relicv2_cli.stages import linear as linear_stage
-    from relicv2_cli.stages import neighbors as neighbors_stage
-    from relicv2_cli.stages import pretrain as pretrain_stage
-    from relicv2_cli.stages import ratios as ratios_stage
-    from relicv2_cli.stages import saliency as saliency_stage
-    from relicv2_cli.stages import semi as semi_stage
-    from relicv2_cli.stages import transfer as transfer_stage
-
-    app.command("pretrain")(pretrain_stage.command)
-    app.command("saliency")(saliency_stage.command)
-    eval_app = typer.Typer(help="Evaluate encoders: linear probe, semi-supervised fine-tuning, transfer.",
-                           no_args_is_help=True)
-    app.add_typer(eval_app, name="eval")
-    eval_app.command("features")(features_stage.command)
-    eval_app.command("linear")(linear_stage.command)
-    eval_app.command("semi")(semi_stage.command)
-    eval_app.command("transfer")(transfer_stage.command)
-    analyze_app = typer.Typer(help="Analyse representations: nearest neighbours and linear discriminant ratios.",
-                              no_args_is_help=True)
-    app.add_typer(analyze_app, name="analyze")
-    analyze_app.command("neighbors")(neighbors_stage.command)
-    analyze_app.command("ratios")(ratios_stage.command)
-    app.command("report")(report_module.command)
+plain_help(app)
 
 
 def main() -> None:
@@ -195,7 +217,6 @@ def main() -> None:
         print(__version__)
         return
     try:
-        _add_stages()
         app()
     except RelicError as e:
         if debug:

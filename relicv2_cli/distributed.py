@@ -327,12 +327,15 @@ class DistContext:
 
     def _open_main(self, workdir: Path, kind: str, name: str, *, force: bool, resume: bool):
         if not (resume and self.elastic):
-            return artifacts.Staging(workdir, kind, name, force=force, resume=resume, resumable=True), resume
+            return artifacts.Staging(workdir, kind, name, force=force, resume=resume, resumable=True,
+                                     checkpoint=artifacts.CHECKPOINT), resume
         # Same naming rule as artifacts.Staging: WORKDIR/KIND/.NAME.partial
         partial = artifacts.artifact_path(workdir, kind, name).parent / f".{name}.partial"
         if not partial.exists():
-            return artifacts.Staging(workdir, kind, name, force=force, resume=False, resumable=True), False
-        staging = artifacts.Staging(workdir, kind, name, force=force, resume=True, resumable=True)
+            return artifacts.Staging(workdir, kind, name, force=force, resume=False, resumable=True,
+                                     checkpoint=artifacts.CHECKPOINT), False
+        staging = artifacts.Staging(workdir, kind, name, force=force, resume=True, resumable=True,
+                                    checkpoint=artifacts.CHECKPOINT)
         if (staging.dir / artifacts.CHECKPOINT).exists():
             return staging, True
         # lines of an attempt that never checkpointed

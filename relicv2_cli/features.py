@@ -3,7 +3,8 @@
 `extract_features` runs the frozen encoder (BN in eval mode, no gradients, bf16 autocast by default)
 on the centre view of every image of one split and writes `features.h5` with
 - `features` float32 (N, D): pooled encoder outputs,
-- `labels` int64 (N,) and `indices` int64 (N,): the image's index in the split.
+- `labels` int64 (N,) and `indices` int64 (N,): the image's index in the split,
+- attributes `encoder`, `encoder_spec`, `digest`, `dataset`, `split` and `class_names`.
 
 The centre view: images are scaled to [0, 1] and normalised with the ImageNet mean/std (as the
 pre-training views). When the encoder knows the side it was trained at (a pretrain artifact records
@@ -65,6 +66,19 @@ def view_size(encoder: Encoder, images: np.ndarray) -> int:
     if encoder.image_size:
         return int(encoder.image_size)
     return int(min(images.shape[1], images.shape[2]))
+
+
+def data_attributes(encoder: Encoder, dataset: Dataset, split: str) -> dict:
+    """What an HDF5 file of features says about itself (features.h5, `relicv2 embed`): the encoder,
+    its weights' digest (pretrain digest, file sha256 or random-init recipe), the data and split,
+    and the class names when the data has them."""
+    record = encoder.record
+    attrs = {"encoder": encoder.label, "encoder_spec": str(record.get("spec", "")),
+             "digest": record.get("digest") or record.get("sha256") or encoder.key,
+             "dataset": dataset.spec, "split": split}
+    if dataset.class_names:
+        attrs["class_names"] = list(dataset.class_names)
+    return attrs
 
 
 def features_key(encoder: Encoder, split_fingerprint: str, split: str, size: int, precision: str) -> str:
@@ -151,6 +165,7 @@ def extract_features(
             f.create_dataset("features", data=features)
             f.create_dataset("labels", data=data.labels.astype(np.int64))
             f.create_dataset("indices", data=np.arange(len(features), dtype=np.int64))
+            f.attrs.update(data_attributes(encoder, dataset, split))
         config = {"encoder": encoder.record, "encoder_key": encoder.key, "encoder_label": encoder.label,
                   "split": split, "split_fingerprint": split_fp, "image_size": size,
                   "native_size": list(images.shape[1:3]), "precision": precision, "view": "center",

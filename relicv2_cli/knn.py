@@ -13,9 +13,9 @@ from relicv2_cli.augment import center_view
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CPU (AMX) and CUDA; a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast on CPU (AMX) and CUDA, fp16 autocast (pretrain on CUDA); a no-op for fp32."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
 
 
@@ -38,7 +38,9 @@ def encode_images(
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
     out = []
-    task = progress.add_task(description, total=len(images), info="") if progress is not None else None
+    task = None
+    if progress is not None:
+        task = progress.add_task(description, total=len(images), info="", unit="images")
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
         with autocast(device, precision):

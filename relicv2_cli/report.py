@@ -10,13 +10,15 @@ Figure helpers draw on a bare `matplotlib.figure.Figure` (Agg canvas, no pyplot 
 per stage (artifact kind), one row per encoder (per encoder and dataset for transfer), with the
 encoder's lineage (which pretrain artifact, which method, trained on which data for how many
 steps) and the data each result was computed on; the analysis figures are linked, and a summary
-figure (report_summary.png/.svg) puts the headline numbers of every encoder side by side.
+figure (report_summary.png/.svg) puts the headline numbers of every encoder side by side, and each
+pretrain run's metrics.jsonl is drawn against step beside its table (report_curves_NAME.png, curves.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from relicv2_cli import __version__, options
-from relicv2_cli.artifacts import KINDS, Artifact, atomic_write_bytes, list_artifacts, load_artifact
+from relicv2_cli import __version__, curves, options
+from relicv2_cli.artifacts import KINDS, METRICS, Artifact, atomic_write_bytes, list_artifacts, load_artifact
 from relicv2_cli.errors import RelicError
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
@@ -432,6 +434,13 @@ def _pretrain_table(arts: list[Artifact], sec: _Section) -> list[str]:
         rows.append([sec.link(a), c.get("method"), network, _data(a), m.get("steps"), m.get("epochs"),
                      m.get("loss"), m.get("wall_s"),
                      ", ".join(f"{k}={_cell(v)}" for k, v in list(extra.items())[:5])])
+        records = curves.read_log(a.path / METRICS)
+        if curves.curve_metrics(records):
+            name = _display_name(a, sec.workdir)
+            stem = "report_curves_" + re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+            fig, _ = curves.curves_figure(records, f"{name} ({c.get('method')})")
+            fig.savefig(sec.out_dir / f"{stem}.png", dpi=110, metadata={"Software": None})
+            sec.figures.append(f"![training curves of {a.name}]({stem}.png)")
     columns = ["artifact", "method", "network", "data", "steps", "epochs", "final loss", "wall s", "other"]
     return _table(columns, rows)
 

@@ -21,6 +21,7 @@ import functools
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,8 +106,8 @@ def reference(tmp_path_factory):
     """One process, whole batch: the run every multi-process run is compared with."""
     torch.set_num_threads(1)  # module scope: set up before conftest's per-test one_thread fixture
     workdir = tmp_path_factory.mktemp("reference")
-    # lr 0: initial weights
-    init = run_pretrain(cfg(max_steps=1, lr=0.0), workdir=workdir, name="init", quiet=True)
+    # initial weights: step 0 of a warm-up has lr 0 (--lr itself must be positive)
+    init = run_pretrain(cfg(max_steps=1, warmup_epochs=1.0), workdir=workdir, name="init", quiet=True)
     ref = run_pretrain(cfg(), workdir=workdir, name="ref", quiet=True)
     return SimpleNamespace(init=checkpoint(init.path), state=checkpoint(ref.path), records=records(ref.path),
                            config=ref.config)
@@ -254,12 +255,13 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp
         proc.kill()
         proc.wait()
     partial = tmp_path / "pretrain" / ".k9.partial"
+    (half_written,) = partial.glob(".checkpoint.pt.*.tmp")
     with pytest.raises(Exception):  # noqa: B017  the interrupted write is garbage...
-        torch.load(partial / "checkpoint.pt.tmp", weights_only=True)
+        torch.load(half_written, weights_only=True)
     assert checkpoint(partial)["step"] == 2  # ...and the previous checkpoint is whole
     resumed = run_pretrain(cfg(checkpoint_every=1), workdir=tmp_path, name="k9", resume=True, quiet=True)
     assert [r["step"] for r in records(resumed.path)] == list(range(1, STEPS + 1))
-    assert not (resumed.path / "checkpoint.pt.tmp").exists()
+    assert list(resumed.path.glob("*.tmp")) + list(resumed.path.glob(".*")) == []  # the stale one is gone
     # one process: exact
     assert_same_training(checkpoint(resumed.path), reference.state, reference.init, tol=1e-12)
 
@@ -301,16 +303,15 @@ def _worker(argv: list[str]) -> None:
     if opts.hang_checkpoint_write:
         real_save, writes = torch.save, []
 
-        def save(obj, f, *args, **kwargs):
-            if str(f).endswith("checkpoint.pt.tmp"):
+        def save(obj, f, *args, **kwargs):  # f: the file object of artifacts.atomic_write
+            if re.fullmatch(r"\.checkpoint\.pt\.[0-9a-f]{8}\.tmp", Path(getattr(f, "name", "")).name):
                 writes.append(f)
                 if len(writes) == opts.hang_checkpoint_write:
                     buffer = io.BytesIO()
                     real_save(obj, buffer)
-                    with open(f, "wb") as out:
-                        out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                        out.flush()
-                        os.fsync(out.fileno())
+                    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                    f.flush()
+                    os.fsync(f.fileno())
                     Path(opts.marker).write_text("writing")
                     time.sleep(600)  # killed here
             return real_save(obj, f, *args, **kwargs)

@@ -44,8 +44,10 @@ def test_relicv2_artifact_has_state_metrics_and_backbones(tmp_path):
 
 
 def test_imagenet_stem_width_1_backbone_loads_into_torchvision(tmp_path):
-    cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, stem="imagenet",
-                         max_steps=1)
+    # fp32: torch's bf16 CPU convolution backward returns NaN and 1e33 in layer4.0.conv1's weight gradient
+    # at this size (16 px, 1x1 maps); the finite-weights check stops such a run (issue 19).
+    cfg = PretrainConfig(**{**TINY, "width": 1.0, "limit_train": 16, "batch_size": 8}, n_negatives=4,
+                         stem="imagenet", max_steps=1, precision="fp32")
     art = run_pretrain(cfg, workdir=tmp_path, quiet=True)
     exported = (load_file(art.path / "backbone.safetensors"),
                 torch.load(art.path / "backbone.pt", weights_only=True))

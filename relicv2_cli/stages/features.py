@@ -24,8 +24,7 @@ options.PRECISIONS = ("bf16", "fp32")
 def command(
     encoder: Annotated[str, typer.Argument(help="Pretrain artifact, random:ARCH or torchvision:FILE.")],
     spec: options.Spec,
-    split: Annotated[str, typer.Option(
-        help="Split to embed: train, val (when the dataset has one) or test.")] = "train",
+    split: options.Split = "train",
     arch: options.Arch = "resnet18",
     width: options.Width = 1.0,
     stem: options.Stem = "cifar",

@@ -127,8 +127,7 @@ def _check_options(protocol, metric, precision, batch_size, max_iter, epochs, lr
     options.check_choice("--precision", precision, options.PRECISIONS)
     for flag, value in (("--batch-size", batch_size), ("--max-iter", max_iter), ("--epochs", epochs),
                         ("--lr", lr)):
-        if value <= 0:
-            raise RelicError(f"{flag} must be positive, got {value}")
+        options.check_positive(flag, value)
     if max_steps is not None and max_steps <= 0:
         raise RelicError(f"--max-steps must be positive, got {max_steps}")
     if not 0 < crop_min_scale <= 1:

@@ -22,7 +22,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -33,9 +33,9 @@ import typer
 from safetensors.torch import save_file
 from torch import nn
 
-from relicv2_cli import artifacts, distributed, options
+from relicv2_cli import artifacts, configfile, distributed, loggers, options
 from relicv2_cli.augment import JITTERS, ViewConfig, make_views
-from relicv2_cli.checkpoint import Checkpoint
+from relicv2_cli.checkpoint import Checkpoint, nonfinite_tensors
 from relicv2_cli.data import Dataset, load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import autocast, encode_images, knn_accuracy
@@ -47,10 +47,17 @@ from relicv2_cli.saliency import open_masks
 METHODS = ("relicv2", "byol", "supervised")
 KL_FORMS = ("target-anchor", "swapped-views")
 BN_STATS = ("per-view", "joint")
-PRECISIONS = (*options.PRECISIONS, "fp64")  # fp64: exactness checks (tests), slow
+# fp16: CUDA only, with a gradient scaler; fp64: exactness checks (tests), slow
+PRECISIONS = (*options.PRECISIONS, "fp16", "fp64")
+CONFIG = "config.json"  # the run's PretrainConfig, for `relicv2 rerun` and `--config`
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra", "channels_last", "compile")
 CHANNELS_LAST = ("auto", "on", "off")
+# What it may also change after a stop on a NaN or infinity: the step size and the precision, which
+# leave the shapes of the saved state alone (derived keys included).
+AFTER_NONFINITE_CHANGES = ("lr", "base_lr_scaled", "lars_eta", "weight_decay", "warmup_epochs",
+                           "warmup_steps", "precision")
+STOPPED_NONFINITE = "stopped-nonfinite.json"  # in the staging directory until the next checkpoint
 
 # Values the ImageNet preset sets (unless the option is given explicitly on the command line).
 # Sources: docs/pretrain.md (paper scale; BYOL's released optimiser settings).
@@ -154,6 +161,7 @@ class Run:
     eval_every: int
     base_lr: float
     config: dict  # what the manifest and the checkpoint record
+    scaler: torch.amp.GradScaler  # fp16: loss scaling; a pass-through otherwise
 
 
 @dataclass
@@ -169,6 +177,11 @@ class State:
     # _check_finite on log/eval/checkpoint steps only, so that no step waits for the device.
     bad_step: torch.Tensor | None = None
     bad_loss: torch.Tensor | None = None
+    checkpoint_step: int | None = None  # the step of checkpoint.pt (finite weights), None before the first
+
+
+class NonFinite(RelicError):
+    """The loss or the weights became NaN or infinite; run_pretrain says what was kept."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,6 +227,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr,
         last_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
         eval_every=steps_per_epoch if cfg.eval_every is None else cfg.eval_every, config=config,
+        scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
     )
 
 
@@ -293,8 +307,9 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
                                               run.device, ddp)
     loss_value, stats = ddp.average(loss, stats)  # global-batch mean: the log and the NaN flag agree
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)  # fp16: skipped when a gradient overflowed, and the scale lowered
+    run.scaler.update()
     if run.target is not None:
         ema_update(run.target, run.online, rate)
     probe_loss, probe_acc = _probe_step(run.train_probe, run.probe_optimizer, features,
@@ -459,14 +474,12 @@ def _watch_loss(state: State, loss: torch.Tensor) -> None:
     state.bad_loss = torch.where(first, loss, state.bad_loss)
 
 
-def _check_finite(state: State, partial: Path) -> None:
+def _check_finite(state: State) -> None:
     """Stop if a loss was not finite since the start: the one read of the device's flag, before
     anything is logged or saved, so no checkpoint holds weights trained on a bad loss."""
     if state.bad_step is None or (bad := int(state.bad_step)) < 0:
         return
-    raise RelicError(f"loss became {float(state.bad_loss)} at step {bad}; stopped. The last good checkpoint "
-                     f"is kept in {partial} (--resume continues from it); try a lower --lr or --precision "
-                     "fp32")
+    raise NonFinite(f"loss became {float(state.bad_loss)} at step {bad}")
 
 
 def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, *, log, progress,
@@ -477,7 +490,7 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
     log_now = _log_step(run, step) or final
     eval_now = bool(run.eval_every and step % run.eval_every == 0) or final
     if log_now or eval_now or step % cfg.checkpoint_every == 0 or state.signal:
-        _check_finite(state, checkpoint.path.parent)
+        _check_finite(state)
     record = {}
     if log_now:  # the device's values are read here only
         seconds, data_fraction = out["clock"].seconds()
@@ -487,12 +500,13 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
                   "embedding_std": embedding_std(out["embeddings"]), "probe_loss": out["probe_loss"].item(),
                   "probe_train_top1": out["probe_train_top1"].item(),
                   "images_per_s": cfg.batch_size / seconds, "data_fraction": data_fraction}
+        if run.scaler.is_enabled():
+            record["grad_scale"] = run.scaler.get_scale()
     if eval_now:
         state.last_eval = _evaluate(run, progress, ddp.encode(encode_images))
         record = {"step": step, **record, **state.last_eval}
     if record:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        log.write(record)  # metrics.jsonl, and --logger's scalars
     if "loss" in record:
         knn = f" knn {state.last_eval['knn_top1']:.3f}" if state.last_eval else ""
         progress.update(task, info=f"loss {record['loss']:.3f}{knn}")
@@ -502,13 +516,23 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
 
 
 def save_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext) -> None:
-    if ddp.is_main:  # rank 0 alone writes; every process holds the same weights
-        checkpoint.save({
-            "step": state.step, "train_s": state.train_s, "online": run.online.state_dict(),
-            "probe": run.probe.state_dict(),
-            "target": run.target.state_dict() if run.target is not None else {},
-            "optimizer": run.optimizer.state_dict(), "probe_optimizer": run.probe_optimizer.state_dict(),
-        })
+    """Write checkpoint.pt, or raise NonFinite when a weight or optimiser tensor is NaN or infinite:
+    the loss can stay finite a step after the weights are lost, so the weights themselves are checked
+    and every checkpoint on disk is one to resume from."""
+    saved = {
+        "step": state.step, "train_s": state.train_s, "online": run.online.state_dict(),
+        "probe": run.probe.state_dict(), "target": run.target.state_dict() if run.target is not None else {},
+        "optimizer": run.optimizer.state_dict(), "probe_optimizer": run.probe_optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+    }
+    bad = nonfinite_tensors({k: saved[k] for k in ("online", "target", "probe", "optimizer")})
+    if bad:  # every process holds the same weights, so all of them stop here
+        raise NonFinite(f"{len(bad)} weight and optimiser tensors became NaN or infinite by step "
+                        f"{state.step} (first {bad[0]}) while the loss was finite")
+    if ddp.is_main:  # rank 0 alone writes
+        checkpoint.save(saved)
+        (checkpoint.path.parent / STOPPED_NONFINITE).unlink(missing_ok=True)
+    state.checkpoint_step = state.step
 
 
 def load_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistContext) -> None:
@@ -519,7 +543,10 @@ def load_checkpoint(run: Run, state: State, checkpoint: Checkpoint, ddp: distrib
     run.probe.load_state_dict(saved["probe"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.probe_optimizer.load_state_dict(saved["probe_optimizer"])
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
     state.step, state.train_s = saved["step"], saved.get("train_s", 0.0)
+    state.checkpoint_step = state.step
     if ddp.is_main:
         _truncate_metrics(checkpoint.path.parent / artifacts.METRICS, state.step)
 
@@ -558,41 +585,77 @@ def run_pretrain(
     step_callback=None,
     dist_timeout: float = distributed.DEFAULT_TIMEOUT_S,
     dist_sampling: str = "local",
+    logger: str | None = None,
 ) -> artifacts.Artifact:
     """Train and commit a `pretrain` artifact. `step_callback(step)` runs after every optimizer step
     (tests use it to send a signal at a chosen step). Under torchrun (RANK/WORLD_SIZE set) the run is
-    data-parallel over the processes, cfg.batch_size being the global batch (relicv2_cli.distributed)."""
+    data-parallel over the processes, cfg.batch_size being the global batch (relicv2_cli.distributed).
+    `logger`: tensorboard or mlflow, which also receive metrics.jsonl's scalars (relicv2_cli.loggers)."""
     _check_config(cfg)
     # identity on one process
     ddp = distributed.setup(options.resolve_device(device), dist_timeout, dist_sampling)
     ddp.check_batch(cfg.batch_size)
     if cfg.precision == "bf16" and ddp.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise RelicError("this GPU does not support bf16; use --precision fp32")
+    if cfg.precision == "fp16" and ddp.device.type != "cuda":
+        # CPUs without fp16 units emulate it: measured 30x slower than fp32 (docs/pretrain.md)
+        raise RelicError("--precision fp16 needs a CUDA device (float16 autocast with a gradient scaler); "
+                         "on the CPU use bf16 or fp32")
     run = setup(cfg, ddp.device, ddp)
     name = name or f"{cfg.method}-{cfg.spec.split(':')[0]}-{cfg.arch}"
     # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
     staging, resume = ddp.open_staging(workdir, "pretrain", name, force=force, resume=resume)
     with staging:
-        checkpoint, state = Checkpoint(staging.dir, run.config, RESUMABLE_CHANGES), State()
+        # After a stop on a NaN, the advised --resume with a lower --lr is allowed.
+        may_change = RESUMABLE_CHANGES
+        if resume and (staging.dir / STOPPED_NONFINITE).exists():
+            may_change += AFTER_NONFINITE_CHANGES
+        checkpoint, state = Checkpoint(staging.dir, run.config, may_change), State()
         if resume:
             load_checkpoint(run, state, checkpoint, ddp)
+        if ddp.is_main:
+            artifacts.atomic_write_bytes(staging.dir / CONFIG, _settings_json(cfg))
         t_start = time.perf_counter()
-        with open(staging.dir / artifacts.METRICS if ddp.is_main else os.devnull, "a") as log, \
-                options.progress_bar(quiet or not ddp.is_main) as progress:
-            task = progress.add_task(f"{cfg.method} {name}", total=run.last_step, completed=state.step,
-                                     info="")
-            train(run, state, checkpoint, ddp, log=log, progress=progress, task=task,
-                  step_callback=step_callback)
-        save_checkpoint(run, state, checkpoint, ddp)
+        try:
+            with loggers.RunLog(staging.dir / artifacts.METRICS if ddp.is_main else None, logger, name=name,
+                                params=run.config, start_step=state.step) as log, \
+                    options.progress_bar(quiet or not ddp.is_main) as progress:
+                task = progress.add_task(f"{cfg.method} {name}", total=run.last_step, completed=state.step,
+                                         info="", unit="steps", images_per_item=cfg.batch_size)
+                train(run, state, checkpoint, ddp, log=log, progress=progress, task=task,
+                      step_callback=step_callback)
+            save_checkpoint(run, state, checkpoint, ddp)
+        except NonFinite as e:
+            raise _nonfinite_stop(e, state, staging, ddp) from None
         ddp.barrier()  # the others wait for rank 0's checkpoint (torchrun stops everyone once one exits)
         if state.signal:
             options.console.print(f"stopped by {signal.Signals(state.signal).name} at step {state.step}/"
                                   f"{run.last_step}; checkpoint saved in {staging.dir}; continue with "
-                                  "--resume")
+                                  f"{_resume_flags(staging)}")
             raise typer.Exit(128 + state.signal)
         if not ddp.is_main:
             return staging.commit()  # waits for rank 0's commit, then opens the artifact it wrote
         return _commit(run, state, staging, t_start)
+
+
+def _resume_flags(staging) -> str:
+    """The flags that continue this run: with an artifact of the same name (a --force run), --resume
+    alone would stop at "artifact exists"."""
+    return "--resume --force" if staging.final.exists() else "--resume"
+
+
+def _nonfinite_stop(error: NonFinite, state: State, staging, ddp) -> RelicError:
+    """The one-line error of a stop on a NaN: which checkpoint is kept (its step; one with finite
+    weights, save_checkpoint sees to that) and how to go on. A marker lets that --resume change --lr."""
+    if state.checkpoint_step is None:  # Staging(checkpoint=...) removes the staging directory
+        return RelicError(f"{error}; stopped. No checkpoint was written before it, so there is nothing to "
+                          "resume: rerun with a lower --lr or --precision fp32")
+    if ddp.is_main:
+        artifacts.atomic_write_bytes(staging.dir / STOPPED_NONFINITE, json.dumps(
+            {"stopped_at": str(error), "checkpoint_step": state.checkpoint_step}).encode())
+    return RelicError(f"{error}; stopped. The last checkpoint with finite weights (step "
+                      f"{state.checkpoint_step}) is kept in {staging.dir}: continue from it with "
+                      f"{_resume_flags(staging)} and a lower --lr or --precision fp32")
 
 
 def _commit(run: Run, state: State, staging, t_start: float) -> artifacts.Artifact:
@@ -612,7 +675,16 @@ def _commit(run: Run, state: State, staging, t_start: float) -> artifacts.Artifa
                           metrics=metrics)
 
 
+def _settings_json(cfg: PretrainConfig) -> bytes:
+    return (json.dumps(artifacts.jsonable(asdict(cfg)), indent=2) + "\n").encode()
+
+
+MIN_CROP = 8  # px: smaller crops leave the ResNet's last stage a 1x1 map of a few pixels' worth
+
+
 def _check_config(cfg: PretrainConfig) -> None:
+    """Every option against its range, before anything is read or written: a nonsense value is a
+    one-line error naming the option, never a run that trains to a useless artifact."""
     options.check_choice("--method", cfg.method, METHODS)
     check_network(cfg.arch, cfg.width, cfg.stem)
     options.check_choice("--optimizer", cfg.optimizer, OPTIMIZERS)
@@ -620,25 +692,44 @@ def _check_config(cfg: PretrainConfig) -> None:
     options.check_choice("--kl-form", cfg.kl_form, KL_FORMS)
     options.check_choice("--bn-stats", cfg.bn_stats, BN_STATS)
     options.check_choice("--jitter", cfg.jitter, JITTERS)
-    if not 0 <= cfg.mask_min_area <= 1:
-        raise RelicError(f"--mask-min-area must be in [0, 1], got {cfg.mask_min_area}")
     options.check_choice("--channels-last", cfg.channels_last, CHANNELS_LAST)
     if cfg.large_crops < 1 or cfg.small_crops < 0:
         raise RelicError("need --large-crops >= 1 and --small-crops >= 0")
     if cfg.method == "byol" and cfg.large_crops < 2:
         raise RelicError("byol compares different views: needs --large-crops >= 2")
-    if not 0 <= cfg.mask_prob <= 1:
-        raise RelicError(f"--mask-prob must be in [0, 1], got {cfg.mask_prob}")
     if cfg.saliency and cfg.method == "supervised":
         raise RelicError("--saliency applies to self-supervised methods only")
-    for flag, value in (("--batch-size", cfg.batch_size), ("--epochs", cfg.epochs), ("--tau", cfg.tau),
-                        ("--checkpoint-every", cfg.checkpoint_every), ("--log-every", cfg.log_every)):
-        if value <= 0:
-            raise RelicError(f"{flag} must be positive, got {value}")
-    if cfg.max_steps is not None and cfg.max_steps <= 0:
-        raise RelicError(f"--max-steps must be positive, got {cfg.max_steps}")
-    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
-        raise RelicError(f"--time-budget must be positive, got {cfg.time_budget_min}")
+    for flag, value in (("--proj-hidden", cfg.proj_hidden), ("--proj-dim", cfg.proj_dim),
+                        ("--epochs", cfg.epochs), ("--max-steps", cfg.max_steps),
+                        ("--time-budget", cfg.time_budget_min), ("--lr", cfg.lr),
+                        ("--lars-eta", cfg.lars_eta), ("--tau", cfg.tau),
+                        ("--checkpoint-every", cfg.checkpoint_every),
+                        ("--log-every", cfg.log_every), ("--knn-k", cfg.knn_k),
+                        ("--knn-temperature", cfg.knn_temperature), ("--limit-train", cfg.limit_train),
+                        ("--limit-test", cfg.limit_test)):
+        options.check_positive(flag, value)
+    for flag, value, low in (("--batch-size", cfg.batch_size, 2), ("--large-size", cfg.large_size, MIN_CROP),
+                             ("--small-size", cfg.small_size, MIN_CROP),
+                             ("--image-size", cfg.image_size, MIN_CROP),
+                             ("--weight-decay", cfg.weight_decay, 0),
+                             ("--warmup-epochs", cfg.warmup_epochs, 0), ("--eval-every", cfg.eval_every, 0),
+                             ("--alpha", cfg.alpha, 0), ("--beta", cfg.beta, 0)):
+        options.check_at_least(flag, value, low)
+    for flag, value in (("--mask-prob", cfg.mask_prob), ("--mask-min-area", cfg.mask_min_area),
+                        ("--ema-base", cfg.ema_base)):
+        options.check_range(flag, value, 0, 1)
+    for flag, value in (("--large-scale-min", cfg.large_scale_min), ("--small-scale-min", cfg.small_scale[0]),
+                        ("--small-scale-max", cfg.small_scale[1])):
+        options.check_range(flag, value, 0, 1, low_open=True)
+    if cfg.small_scale[0] > cfg.small_scale[1]:
+        raise RelicError(f"--small-scale-min {cfg.small_scale[0]} is above --small-scale-max "
+                         f"{cfg.small_scale[1]}")
+    if cfg.method == "relicv2":
+        if cfg.alpha == 0 and cfg.beta == 0:
+            raise RelicError("--alpha 0 and --beta 0 leave no loss to train on")
+        if not 1 <= cfg.n_negatives < cfg.batch_size:
+            raise RelicError(f"--n-negatives must be at least 1 and below --batch-size {cfg.batch_size} (the "
+                             f"negatives are other images of the batch), got {cfg.n_negatives}")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -666,11 +757,17 @@ def _opt(help: str, *flags: str):
     return typer.Option(*flags, help=help)
 
 
+Logger = Annotated[str | None, _opt("tensorboard or mlflow: also send metrics.jsonl's scalars there "
+                                   "(optional extras).")]
+
+
 def command(
     ctx: typer.Context,
     spec: options.Spec = D.spec,
     method: Annotated[str, _opt("relicv2, byol or supervised.")] = D.method,
     saliency: Annotated[Path | None, _opt("Saliency artifact: remove the background of large crops.")] = None,
+    config: Annotated[Path | None, _opt("Settings file (.json, .yaml): option names or PretrainConfig fields "
+                                        "to values; options given on the command line win.")] = None,
     preset: Annotated[str | None,
                       _opt("imagenet-1000ep: the paper's ImageNet settings; explicit options win.")] = None,
     arch: options.Arch = D.arch,
@@ -719,8 +816,8 @@ def command(
                             _opt("Weight decay (not on biases and norm parameters).")] = D.weight_decay,
     warmup_epochs: Annotated[float, _opt("Linear warm-up epochs before the cosine decay.")] = D.warmup_epochs,
     ema_base: Annotated[float, _opt("Target EMA rate at step 0, rising to 1 by a cosine.")] = D.ema_base,
-    precision: Annotated[str, _opt("bf16 (autocast), fp32, or fp64 (float64 everywhere: slow; for exactness "
-                                   "checks).")] = D.precision,
+    precision: Annotated[str, _opt("bf16 (autocast), fp16 (CUDA: autocast + gradient scaler), fp32, or fp64 "
+                                   "(float64 everywhere: slow; for exactness checks).")] = D.precision,
     channels_last: Annotated[str, _opt("Channels-last memory format: auto (CUDA; CPU with bf16 instructions "
                                        "under bf16), on or off.")] = D.channels_last,
     compile: Annotated[bool, _opt("torch.compile the online and target networks (slow first steps).",
@@ -731,6 +828,7 @@ def command(
                                            "epoch; 0: at the end).")] = D.eval_every,
     log_every: Annotated[int, _opt("Write a metrics.jsonl line every N steps.")] = D.log_every,
     resume: Annotated[bool, _opt("Continue an interrupted run of the same --name.", "--resume")] = False,
+    logger: Logger = None,
     dist_timeout: Annotated[float, _opt("torchrun: seconds to wait for the other processes in a "
                                         "collective.")] = distributed.DEFAULT_TIMEOUT_S,
     dist_sampling: Annotated[str,
@@ -752,7 +850,7 @@ def command(
 def _run_command(ctx: typer.Context, values: dict) -> None:
     """The command's options -> PretrainConfig (the preset filling options left at their default)
     -> run_pretrain -> a one-line summary and the artifact path."""
-    preset = values.pop("preset")
+    preset, config = values.pop("preset"), values.pop("config")
     if preset is not None:
         if preset not in PRESETS:
             raise RelicError(f"unknown --preset {preset!r}; valid: {', '.join(PRESETS)}")
@@ -764,8 +862,45 @@ def _run_command(ctx: typer.Context, values: dict) -> None:
     values["small_scale"] = (values.pop("small_scale_min"), values.pop("small_scale_max"))
     values["saliency"] = str(values["saliency"]) if values["saliency"] else None
     run_options = {k: values.pop(k) for k in ("workdir", "name", "device", "force", "resume", "quiet",
-                                              "dist_timeout", "dist_sampling")}
-    cfg = PretrainConfig(**values, extra={"preset": preset})
+                                              "dist_timeout", "dist_sampling", "logger")}
+    extra = {"preset": preset}
+    if config is not None:
+        values, extra = _with_file(ctx, values, config, preset)
+    _finish_command(PretrainConfig(**values, extra=extra), run_options)
+
+
+# Options whose names differ from PretrainConfig's fields (settings files may use either).
+OPTION_FIELDS = {"time_budget": "time_budget_min"}
+SMALL_SCALE = ("small_scale_min", "small_scale_max")
+
+
+def _with_file(ctx: typer.Context, values: dict, path: Path, preset: str | None) -> tuple[dict, dict]:
+    """`values` (the options, preset applied) with a settings file's values for every option not given
+    on the command line. The file may hold any PretrainConfig field, also those without an option."""
+    what = f"--config {path}"
+    settings = configfile.read_settings(path)
+    settings = {OPTION_FIELDS.get(k, k): v for k, v in settings.items()}
+    if any(k in settings for k in SMALL_SCALE):
+        small = list(settings.pop("small_scale", values["small_scale"]))
+        for i, key in enumerate(SMALL_SCALE):
+            small[i] = settings.pop(key, small[i])
+        settings["small_scale"] = small
+    settings = configfile.check_settings(PretrainConfig, settings, what)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name).name != "DEFAULT"}
+    for key, value in settings.items():
+        if key == "small_scale":  # one option per bound
+            value = tuple(values[key][i] if SMALL_SCALE[i] in given else value[i] for i in range(2))
+        elif {key, *(k for k, v in OPTION_FIELDS.items() if v == key)} & given:
+            continue
+        values[key] = value
+    extra = {"preset": None, **values.pop("extra", {}), "config": str(path)}
+    if preset is not None:  # the file's extra may name the preset its values came from
+        extra["preset"] = preset
+    return values, extra
+
+
+def _finish_command(cfg: PretrainConfig, run_options: dict) -> None:
+    """run_pretrain, then a one-line summary and the artifact path."""
     art = run_pretrain(cfg, **run_options)
     if not distributed.is_main_process():  # torchrun: rank 0 prints the summary and the path
         return
@@ -776,3 +911,42 @@ def _run_command(ctx: typer.Context, values: dict) -> None:
                               f"{m.get('knn_top1', float('nan')):.3f}, probe top-1 "
                               f"{m.get('probe_top1', float('nan')):.3f}")
     options.finish(art.path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `relicv2 rerun`: a pretrain artifact's recorded settings (config.json) into a new artifact.
+
+
+def rerun(
+    art: Annotated[Path, typer.Argument(help="A pretrain artifact directory.", show_default=False)],
+    workdir: Annotated[Path | None, _opt("Root folder of the new artifact (default: ART's).")] = None,
+    name: Annotated[str | None, _opt("Name of the new artifact (default: ART's name + '-rerun').")] = None,
+    logger: Logger = None,
+    device: options.Device = "auto",
+    force: options.Force = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Run a pretrain artifact's recorded settings again into a new artifact."""
+    source = artifacts.load_artifact(art, kind="pretrain")
+    if CONFIG not in source.manifest.get("files", {}):
+        raise RelicError(f"{source.path} has no {CONFIG} (made before `relicv2 rerun` existed); its settings "
+                         "are in its manifest's config")
+    recorded = configfile.read_settings(source.file(CONFIG), f"{source.path}/{CONFIG}")
+    known = {f.name for f in fields(PretrainConfig)}
+    settings = configfile.check_settings(PretrainConfig, {k: v for k, v in recorded.items() if k in known},
+                                         f"{source.path}/{CONFIG}")
+    notes = [f"code {', '.join(diff)}" for diff in [artifacts.tool_differences(source)] if diff]
+    if set(recorded) - known:
+        notes.append(f"settings this code no longer has, ignored: {', '.join(sorted(set(recorded) - known))}")
+    if known - set(recorded):
+        defaults = asdict(D)
+        notes.append("settings that code did not record, at today's defaults: "
+                     + ", ".join(f"{k}={defaults[k]!r}" for k in sorted(known - set(recorded))))
+    if notes:  # say it even with --quiet: the new run may differ from ART for these reasons alone
+        options.console.print(f"rerun of {source.path}: " + "; ".join(notes), markup=False, highlight=False,
+                              soft_wrap=True)
+    settings["extra"] = {**settings.get("extra", {}), "rerun_of": str(source.path.resolve()),
+                         "rerun_of_digest": source.digest}
+    run_options = {"workdir": workdir or source.path.parent.parent, "name": name or f"{source.name}-rerun",
+                   "device": device, "force": force, "resume": False, "quiet": quiet, "logger": logger}
+    _finish_command(PretrainConfig(**settings), run_options)

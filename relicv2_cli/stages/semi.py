@@ -138,8 +138,7 @@ def _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, 
     options.check_choice("--precision", precision, options.PRECISIONS)
     for flag, value in (("--batch-size", batch_size), ("--epochs", epochs), ("--lr", lr),
                         ("--head-lr-scale", head_lr_scale)):
-        if value <= 0:
-            raise RelicError(f"{flag} must be positive, got {value}")
+        options.check_positive(flag, value)
     if max_steps is not None and max_steps <= 0:
         raise RelicError(f"--max-steps must be positive, got {max_steps}")
     if not 0 < crop_min_scale <= 1:

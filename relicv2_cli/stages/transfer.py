@@ -252,8 +252,7 @@ def command(
     encoders = [load_encoder(e, arch=arch, width=width, stem=stem, seed=seed) for e in encoder_specs]
     if finetune_mode:
         for flag, value in (("--epochs", epochs), ("--lr", lr), ("--head-lr-scale", head_lr_scale)):
-            if value <= 0:
-                raise RelicError(f"{flag} must be positive, got {value}")
+            options.check_positive(flag, value)
         if not 0 < crop_min_scale <= 1:
             raise RelicError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
         if max_steps is not None and max_steps <= 0:
