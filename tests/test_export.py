@@ -50,7 +50,8 @@ def fake_pretrain(workdir, name, arch, width, stem, method="relicv2", with_targe
 
 def test_export_round_trips_into_torchvision_resnet18_online_and_target(tmp_path, cli):
     cfg = PretrainConfig(spec="synthetic", limit_train=16, limit_test=16, arch="resnet18", width=1.0,
-                         stem="imagenet", proj_hidden=64, proj_dim=32, batch_size=8, epochs=2.0,
+                         stem="imagenet", proj_hidden=64, proj_dim=32, batch_size=8, n_negatives=4,
+                         epochs=2.0,
                          warmup_epochs=0.5, log_every=1, eval_every=0, max_steps=2,
                          precision="fp32")  # bf16 on 1 thread: NaN weights
     art = run_pretrain(cfg, workdir=tmp_path / "runs", quiet=True)

@@ -19,11 +19,12 @@ from relicv2_cli.stages.pretrain import PretrainConfig, run_pretrain
 # Tiny and deterministic: 16 px images, 2 steps.
 FLAGS = ["--limit-train", "16", "--limit-test", "8", "--image-size", "16", "--large-size", "16",
          "--small-size", "8", "--width", "0.25", "--proj-hidden", "32", "--proj-dim", "16",
-         "--batch-size", "8",
+         "--batch-size", "8", "--n-negatives", "4",
          "--epochs", "2", "--max-steps", "2", "--log-every", "1", "--eval-every", "0", "--precision", "fp32",
          "--deterministic", "--seed", "3"]
 SETTINGS = {"limit-train": 16, "limit_test": 8, "image_size": 16, "large_size": 16, "small_size": 8,
-            "width": 0.25, "proj_hidden": 32, "proj_dim": 16, "batch_size": 8, "epochs": 2, "max_steps": 2,
+            "width": 0.25, "proj_hidden": 32, "proj_dim": 16, "batch_size": 8, "n_negatives": 4,
+            "epochs": 2, "max_steps": 2,
             "log_every": 1, "eval_every": 0, "precision": "fp32", "deterministic": True, "seed": 7,
             "time_budget": None, "small_scale_max": 0.14, "kl_form": "target-anchor"}
 
@@ -145,7 +146,8 @@ def test_tensorboard_gets_one_series_per_metric(tmp_path, monkeypatch):
                         types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
     FakeSummaryWriter.made = []
     cfg = PretrainConfig(spec="synthetic", limit_train=16, limit_test=8, image_size=16, large_size=16,
-                         small_size=8, width=0.25, proj_hidden=32, proj_dim=16, batch_size=8, epochs=2.0,
+                         small_size=8, width=0.25, proj_hidden=32, proj_dim=16, batch_size=8, n_negatives=4,
+                         epochs=2.0,
                          max_steps=3, log_every=2, eval_every=2, precision="fp32")
     art = run_pretrain(cfg, workdir=tmp_path, name="tb", quiet=True, logger="tensorboard")
     (writer,) = FakeSummaryWriter.made
@@ -200,17 +202,18 @@ def test_fp16_gradient_scaler_skips_overflowing_steps(tmp_path):
     gradients overflow skips the update and halves the scale; a workable scale updates the weights."""
     cfg = PretrainConfig(spec="synthetic", limit_train=8, limit_test=8, image_size=16, large_size=16,
                          small_size=8, small_crops=0, width=0.25, proj_hidden=32, proj_dim=16, batch_size=8,
+                         n_negatives=4,
                          precision="fp16")
     ddp = distributed.setup(torch.device("cpu"))
     run = pretrain.setup(cfg, torch.device("cpu"), ddp)
     assert run.scaler.is_enabled()
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 gradients overflow at this scale
     before = [p.detach().clone() for p in run.online.parameters()]
-    pretrain.train_step(run, 5, ddp, tmp_path)  # past step 0, whose warm-up learning rate is 0
+    pretrain.train_step(run, 5, ddp)  # past step 0, whose warm-up learning rate is 0
     assert all(torch.equal(a, p) for a, p in zip(before, run.online.parameters(), strict=True))
     assert run.scaler.get_scale() == 2.0**99
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
-    out = pretrain.train_step(run, 6, ddp, tmp_path)
+    out = pretrain.train_step(run, 6, ddp)
     assert torch.isfinite(out["loss"])
     changed = [not torch.equal(a, p) for a, p in zip(before, run.online.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2

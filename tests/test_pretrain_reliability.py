@@ -75,7 +75,8 @@ def test_nan_weights_stop_at_the_checkpoint_and_resume_may_lower_the_lr(tmp_path
     assert logged_steps(art.path) == [1, 2, 3, 4, 5]
     assert all(torch.isfinite(v).all() for v in load_file(art.path / "backbone.safetensors").values())
     assert sorted(p.name for p in art.path.iterdir()) == ["backbone.pt", "backbone.safetensors",
-                                                          "checkpoint.pt", "manifest.json", "metrics.jsonl"]
+                                                          "checkpoint.pt", "config.json", "manifest.json",
+                                                          "metrics.jsonl"]
 
 
 def test_resume_may_not_change_the_lr_after_an_ordinary_interruption(tmp_path):
@@ -220,7 +221,8 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tm
     with pytest.raises(RelicError, match=rf"^no space left on device writing {partial}/checkpoint.pt; free "
                                          r"some space and rerun$"):
         run_pretrain(cfg, workdir=tmp_path, name="d", quiet=True, step_callback=fill_disk_at_step_2)
-    assert sorted(p.name for p in partial.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no .tmp left
+    # no .tmp left
+    assert sorted(p.name for p in partial.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
     assert artifacts.load_torch_file(partial / "checkpoint.pt")["step"] == 1
     monkeypatch.delattr(artifacts, "open")
     assert run_pretrain(cfg, workdir=tmp_path, name="d", resume=True, quiet=True).metrics["steps"] == 3
