@@ -50,7 +50,7 @@ def test_nan_weights_stop_at_the_checkpoint_and_resume_may_lower_the_lr(tmp_path
         out = real_step(run, step, ddp)
         if step == 2:
             with torch.no_grad():
-                run.online.encoder.layer4[0].conv1.weight.view(-1)[0] = float("nan")
+                run.online.encoder.layer4[0].conv1.weight[0, 0, 0, 0] = float("nan")
         return out
 
     monkeypatch.setattr(pretrain, "train_step", weights_nan_after_step_3)
