@@ -23,7 +23,7 @@ def torchvision_model(arch, path):
     """The one-liner of docs/export.md."""
     m = getattr(torchvision.models, arch)()
     m.fc = torch.nn.Identity()
-    m.load_state_dict(torch.load(path))
+    m.load_state_dict(torch.load(path, weights_only=True))
     return m
 
 
@@ -82,7 +82,8 @@ def test_export_round_trips_into_torchvision_resnet18_online_and_target(tmp_path
             assert backbone.metadata["mean"] == [0.485, 0.456, 0.406]
             assert (features64(backbone, x) - ref).abs().max() < 1e-5
     # timm's ResNet uses torchvision's key names: the two files hold the same tensors.
-    tv_state, timm_state = torch.load(out["online", "torchvision"]), torch.load(out["online", "timm"])
+    tv_state = torch.load(out["online", "torchvision"], weights_only=True)
+    timm_state = torch.load(out["online", "timm"], weights_only=True)
     assert tv_state.keys() == timm_state.keys() and not any(k.startswith("fc.") for k in tv_state)
     assert timm_state.relicv2_metadata["format"] == "timm"
 

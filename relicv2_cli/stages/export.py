@@ -86,9 +86,10 @@ def one_liner(metadata: dict, path: Path) -> str:
     arch = metadata["arch"]
     if metadata["format"] == "torchvision":
         return (f"m = torchvision.models.{arch}(); m.fc = torch.nn.Identity(); "
-                f"m.load_state_dict(torch.load('{path}'))")
+                f"m.load_state_dict(torch.load('{path}', weights_only=True))")
     if metadata["format"] == "timm":
-        return f"m = timm.create_model('{arch}', num_classes=0); m.load_state_dict(torch.load('{path}'))"
+        return (f"m = timm.create_model('{arch}', num_classes=0); "
+                f"m.load_state_dict(torch.load('{path}', weights_only=True))")
     return f"m = relicv2_cli.load_backbone('{path}')"
 
 
