@@ -21,6 +21,14 @@ stages are reused when their command is unchanged (see bench_eval.run_stage); --
 
     python bench/bench_quality.py                       # about an hour: 5 x 10 min + evaluation
     python bench/bench_quality.py --budget 2 --skip-semi  # a quick look
+
+--steps N trains every method of ours for exactly N steps instead (schedule sized to N): the result no
+longer depends on how busy the machine is, which a comparison of recipes needs. --pretrain-args adds
+options to every pretrain of ours and --tag suffixes the run names, so that two recipes can be measured
+side by side in one work folder:
+
+    python bench/bench_quality.py --steps 450 --methods relicv2-masks,relicv2,byol --skip-lightly \
+        --skip-semi --tag old --pretrain-args "--jitter torchvision --bn-stats joint --head-bias"
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -108,6 +117,12 @@ def main() -> None:
                              "as lightly's example")
     parser.add_argument("--limit-train", type=int, default=None, help="first N training images (a smoke run)")
     parser.add_argument("--limit-test", type=int, default=None, help="first N test images (a smoke run)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="train our methods for exactly this many steps instead of --budget minutes")
+    parser.add_argument("--methods", default="relicv2-masks,relicv2,byol,supervised",
+                        help="which of our methods to train (comma-separated names)")
+    parser.add_argument("--pretrain-args", default="", help="extra options for every pretrain of ours")
+    parser.add_argument("--tag", default="", help="suffix of run names (a second recipe in one workdir)")
     parser.add_argument("--skip-semi", action="store_true")
     parser.add_argument("--skip-lightly", action="store_true")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench-quality"))
@@ -133,6 +148,11 @@ def main() -> None:
         ("BYOL (ours)", "byol", ["--method", "byol"]),
         ("supervised (labels)", "supervised", ["--method", "supervised"]),
     ]
+    unknown = set(args.methods.split(",")) - {name for _, name, _ in methods}
+    if unknown:
+        raise SystemExit(f"unknown --methods {sorted(unknown)}")
+    methods = [m for m in methods if m[1] in args.methods.split(",")]
+    extra, tag = shlex.split(args.pretrain_args), f"-{args.tag}" if args.tag else ""
     # Measured speeds are kept, so that a rerun of the bench computes the same --epochs and reuses runs.
     rates_file = wd / "rates.json"
     rates = json.loads(rates_file.read_text()) if rates_file.exists() and not args.force else {}
@@ -140,21 +160,24 @@ def main() -> None:
     for label, name, method_args in methods:
         # masking costs little: the speed of the method without masks stands in for it
         key = f"{method_args[1]} w{args.width} n{n_train}"
-        if key not in rates:
+        if key not in rates and not args.steps:
             rates[key] = our_rate(spec, method_args[:2], net)
             rates_file.write_text(json.dumps(rates, indent=2) + "\n")
-        rate = rates[key]
+        rate = rates.get(key)
         machine_tflops = _machine_speed()  # a slow spell of a shared host shows here
-        # 5% over: the budget, not the schedule, ends the run
-        epochs = round(1.05 * args.budget * 60 * rate / n_train, 2)
+        if args.steps:  # the schedule spans exactly --steps steps (ceil(epochs * steps per epoch))
+            epochs = args.steps / (n_train // 256) - 1e-9
+            length = ["--epochs", f"{epochs:.9f}", "--warmup-epochs", f"{epochs / 10:.4f}"]
+        else:  # 5% over: the budget, not the schedule, ends the run
+            epochs = round(1.05 * args.budget * 60 * rate / n_train, 2)
+            length = ["--time-budget", f"{args.budget:g}", "--epochs", f"{epochs:g}",
+                      "--warmup-epochs", f"{epochs / 10:.3g}"]
         manifest, wall, command = run_stage(
-            ["pretrain", spec, *method_args, *net, "--time-budget", f"{args.budget:g}", "--epochs",
-             f"{epochs:g}",
-             "--warmup-epochs", f"{epochs / 10:.3g}", "--eval-every", "0", "--checkpoint-every", "200",
-             *common,
-             "--name", name], args.force)
+            ["pretrain", spec, *method_args, *net, *length, "--eval-every", "0", "--checkpoint-every", "200",
+             *extra, *common, "--name", name + tag], args.force)
         m = manifest["metrics"]
-        rows.append({"method": label, "name": name, "encoder": str(wd / "pretrain" / name),
+        rows.append({"method": label + (f" [{args.tag}]" if tag else ""), "name": name + tag,
+                     "encoder": str(wd / "pretrain" / (name + tag)),
                      "steps": m["steps"], "epochs": m["epochs"],
                      "train_min": round(m["train_s"] / 60, 2),
                      "images_per_s": round(m["steps"] * 256 / m["train_s"], 1),
@@ -180,6 +203,7 @@ def main() -> None:
                                     if args.lightly_backbone == "example" else [])})
         commands.append(f"python bench/bench_quality.py (lightly_byol.train, {args.budget:g} min, backbone "
                         f"{args.lightly_backbone})")
+    run_label = f"steps-{args.steps}{tag}" if args.steps else f"budget-{args.budget:g}min{tag}"
     rows.append({"method": "random init", "name": "random", "encoder": "random:resnet18", "steps": 0,
                  "epochs": 0, "train_min": 0})
 
@@ -189,7 +213,7 @@ def main() -> None:
     for stage in ("neighbors", "ratios"):
         manifest, _, command = run_stage(["analyze", stage, *[r["encoder"] for r in same_net], spec, *net,
                                           *common,
-                                          "--name", f"budget-{args.budget:g}min"], args.force)
+                                          "--name", run_label], args.force)
         analysis[stage] = manifest["metrics"]
         commands.append(command)
     by_label = analysis["neighbors"]["encoders"]
@@ -228,15 +252,17 @@ def main() -> None:
                "python": platform.python_version()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "budget_min": args.budget, "width": float(args.width), "rows": rows,
+    result = {"machine": machine, "budget_min": None if args.steps else args.budget, "steps": args.steps,
+              "pretrain_args": args.pretrain_args, "width": float(args.width), "rows": rows,
               "semi_1pct": semi,
               "saliency_s": round(saliency_s, 1),
-              "analysis_figures": {k: str(wd / k / f"budget-{args.budget:g}min")
+              "analysis_figures": {k: str(wd / k / run_label)
                                    for k in ("neighbors", "ratios")},
               "commands": commands}
     out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Budget {args.budget:g} min of training per method, ResNet-18 w{args.width} cifar stem, "
-             "CIFAR-10.", "",
+    length = f"{args.steps} steps" if args.steps else f"Budget {args.budget:g} min"
+    lines = [f"{length} of training per method, ResNet-18 w{args.width} cifar stem, CIFAR-10"
+             + (f", extra pretrain options: {args.pretrain_args}" if extra else "") + ".", "",
              "| method | steps | epochs | schedule done | train min | img/s | kNN top-1 | linear top-1 | "
              "linear top-5 | ratio median |",
              "|---|---|---|---|---|---|---|---|---|---|"]
