@@ -393,20 +393,40 @@ def make_views(
     if L > 0:
         boxes = sample_boxes(L * b, h, w, cfg.large_scale, cfg.ratio, generator, dev)
         index = torch.arange(b, device=dev).repeat(L) + offset * masked.reshape(-1).long()
-        crops = crop_resize(source, boxes, index, cfg.large_size)
-        presets = [cfg.presets[i % len(cfg.presets)] for i in range(L)]
-        crops = normalize(augment(crops, presets, generator, cfg.blur, cfg.jitter), cfg.mean, cfg.std)
-        large = list(crops.chunk(L))
+        large = _photometric(crop_resize(source, boxes, index, cfg.large_size), L, cfg, generator, large=True)
 
     small: list[torch.Tensor] = []
     if S > 0:
         boxes = sample_boxes(S * b, h, w, cfg.small_scale, cfg.ratio, generator, dev)
         index = torch.arange(b, device=dev).repeat(S)
-        crops = crop_resize(x, boxes, index, cfg.small_size)
-        crops = normalize(augment(crops, [cfg.small_preset] * S, generator, cfg.blur, cfg.jitter), cfg.mean,
-                          cfg.std)
-        small = list(crops.chunk(S))
+        small = _photometric(crop_resize(x, boxes, index, cfg.small_size), S, cfg, generator, large=False)
     return Views(large=large, small=small, masked=masked)
+
+
+def views_from_crops(
+    large: torch.Tensor,
+    small: torch.Tensor | None,
+    cfg: ViewConfig,
+    generator: torch.Generator,
+) -> Views:
+    """The views of crops already cut and resized elsewhere (the streamed loader's workers): uint8
+    large (L * B, 3, large_size, large_size) and small (S * B, ...), view-major; the photometric part
+    of make_views, batched on the crops' device."""
+    L, S = cfg.large_crops, cfg.small_crops
+    b = len(large) // L
+    masked = torch.zeros(L, b, dtype=torch.bool, device=large.device)  # streamed runs take no masks
+    views = _photometric(large.float() / 255, L, cfg, generator, large=True)
+    small_views = _photometric(small.float() / 255, S, cfg, generator, large=False) if S > 0 else []
+    return Views(large=views, small=small_views, masked=masked)
+
+
+def _photometric(crops: torch.Tensor, n: int, cfg: ViewConfig, generator: torch.Generator,
+                 large: bool) -> list[torch.Tensor]:
+    """n views (view-major crops in [0, 1]) flipped, jittered, ..., normalised: large crop i uses
+    cfg.presets[i % 2], small crops cfg.small_preset."""
+    presets = [cfg.presets[i % len(cfg.presets)] for i in range(n)] if large else [cfg.small_preset] * n
+    views = normalize(augment(crops, presets, generator, cfg.blur, cfg.jitter), cfg.mean, cfg.std)
+    return list(views.chunk(n))
 
 
 def center_view(

@@ -53,6 +53,15 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)  # before a lazy decode: the listed count; --skip-bad may lower it
 
+    def encoded(self, i: int) -> bytes:
+        """The encoded (JPEG, PNG, ...) bytes of image i, for streamed decoding."""
+        if self.files is None:
+            raise RelicError("this dataset has no encoded images (it is decoded in memory)")
+        try:
+            return Path(self.files[i]).read_bytes()
+        except OSError as e:
+            raise RelicError(f"unreadable image {self.files[i]}: {e.strerror}") from None
+
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
@@ -448,16 +457,21 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
     )
 
 
+def truncated_jpeg(data: bytes) -> bool:
+    """libjpeg decodes a truncated JPEG partly, with only a warning on stderr, so a JPEG's last scan
+    (SOS marker) must be followed by an end-of-image marker. Compressed data cannot hold FF D9 (FF is
+    stuffed), so this also admits EXIF thumbnails before the image and data appended after its end
+    (camera trailers), which a plain "ends with FF D9" test would refuse."""
+    return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+
+
 def _read_image(path: str) -> tuple[str | None, np.ndarray | None]:
-    """(problem, BGR image). libjpeg decodes a truncated JPEG partly, with only a warning on
-    stderr, so a JPEG's last scan (SOS marker) must be followed by an end-of-image marker. Compressed
-    data cannot hold FF D9 (FF is stuffed), so this also admits EXIF thumbnails before the image and
-    data appended after its end (camera trailers), which a plain "ends with FF D9" test would refuse."""
+    """(problem, BGR image); `truncated_jpeg` says why a truncated JPEG needs its own test."""
     try:
         data = Path(path).read_bytes()
     except OSError:
         return "unreadable", None
-    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+    if truncated_jpeg(data):
         return "truncated", None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     return ("unreadable", None) if image is None else (None, image)

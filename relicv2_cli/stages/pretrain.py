@@ -33,8 +33,8 @@ import typer
 from safetensors.torch import save_file
 from torch import nn
 
-from relicv2_cli import artifacts, configfile, distributed, loggers, options
-from relicv2_cli.augment import JITTERS, ViewConfig, make_views
+from relicv2_cli import artifacts, configfile, distributed, loggers, options, stream
+from relicv2_cli.augment import JITTERS, ViewConfig, make_views, views_from_crops
 from relicv2_cli.checkpoint import Checkpoint, nonfinite_tensors
 from relicv2_cli.data import Dataset, load_dataset
 from relicv2_cli.errors import RelicError
@@ -51,7 +51,9 @@ BN_STATS = ("per-view", "joint")
 PRECISIONS = (*options.PRECISIONS, "fp16", "fp64")
 CONFIG = "config.json"  # the run's PretrainConfig, for `relicv2 rerun` and `--config`
 # Settings a --resume may change: when to stop, and bookkeeping that does not alter the trajectory.
-RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra", "channels_last", "compile")
+# in_memory may change: the "streamed" it resolves to is compared instead.
+RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra", "channels_last", "compile", "in_memory",
+                     "workers")
 CHANNELS_LAST = ("auto", "on", "off")
 # What it may also change after a stop on a NaN or infinity: the step size and the precision, which
 # leave the shapes of the saved state alone (derived keys included).
@@ -131,6 +133,8 @@ class PretrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     image_size: int | None = None
+    in_memory: str = "auto"  # auto, yes, no: decode the training split once, or stream it (stream.choose)
+    workers: int | None = None  # loader processes of a streamed run; None: stream.default_workers()
     # filled in by the run
     extra: dict = field(default_factory=dict)
 
@@ -142,7 +146,10 @@ class Run:
     cfg: PretrainConfig
     device: torch.device
     dataset: Dataset
-    images: torch.Tensor  # (N, 3, H, W) uint8, the whole training split, decoded once
+    images: torch.Tensor | None  # (N, 3, H, W) uint8, the whole training split decoded once; None: streamed
+    crops: stream.StepCrops | None  # streamed: each step's crops, made in loader workers
+    workers: int  # loader processes (streamed runs and their evaluation)
+    data_choice: str  # in memory or streamed, and why (printed by run_pretrain)
     labels: torch.Tensor
     masks: torch.Tensor | None  # (N, H, W) saliency masks, with --saliency
     parents: list[artifacts.Artifact]
@@ -196,7 +203,13 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.spec, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
                            image_size=cfg.image_size, seed=cfg.seed)
-    n_train, height = len(dataset.train.images), dataset.train.images.shape[1]
+    streamed, why = stream.choose(cfg.in_memory, dataset, dev, cfg.image_size)
+    if streamed:
+        _check_streamed(cfg)
+        stream.encoded_fingerprints(dataset)  # the manifest's record must not decode the split
+    # Streamed runs evaluate centre views at the large crops' size.
+    n_train = len(dataset.train)
+    height = cfg.large_size if streamed else dataset.train.images.shape[1]
     if cfg.batch_size > n_train:
         raise RelicError(f"--batch-size {cfg.batch_size} is larger than the training split "
                          f"({n_train} images)")
@@ -210,16 +223,26 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     base_lr = scaled_lr(cfg.lr, cfg.batch_size) if cfg.optimizer != "adamw" else cfg.lr
     online, target, probe = _networks(cfg, dataset.num_classes, dev, ddp)
-    config = {**asdict(cfg), "image_size": height, "steps_per_epoch": steps_per_epoch,
+    config = {**asdict(cfg), "image_size": height, "streamed": streamed, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps, "warmup_steps": warmup_steps, "base_lr_scaled": base_lr,
               "feature_dim": online.encoder.feature_dim, "num_classes": dataset.num_classes,
               "class_names": dataset.class_names}
     config["extra"] = {**config["extra"], **ddp.record()}  # world size: not compared on --resume
+    views = view_config(cfg)
+    crops = None
+    if streamed:
+        batches = functools.partial(_batch_indices, steps_per_epoch=steps_per_epoch, n=n_train,
+                                    batch=cfg.batch_size, seed=cfg.seed)
+        positions = ddp.shard(torch.Generator(), torch.arange(cfg.batch_size))[1]  # rows this process views
+        crops = stream.StepCrops(dataset.train, views, batches, positions, cfg.seed)
     return Run(
-        cfg=cfg, device=dev, dataset=dataset, masks=masks, parents=parents,
-        images=torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous().to(dev),
+        cfg=cfg, device=dev, dataset=dataset, masks=masks, parents=parents, crops=crops,
+        images=None if streamed else
+        torch.from_numpy(dataset.train.images).permute(0, 3, 1, 2).contiguous().to(dev),
+        workers=stream.default_workers() if cfg.workers is None else cfg.workers,
+        data_choice=f"{'streamed' if streamed else 'in memory'}: {why}",
         labels=torch.from_numpy(dataset.train.labels).to(dev),
-        views=view_config(cfg),
+        views=views,
         online=online, target=target, probe=probe,
         optimizer=build_optimizer(cfg.optimizer, online, base_lr, cfg.weight_decay, lars_eta=cfg.lars_eta),
         probe_optimizer=torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=0.0),
@@ -229,6 +252,16 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         eval_every=steps_per_epoch if cfg.eval_every is None else cfg.eval_every, config=config,
         scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
     )
+
+
+def _check_streamed(cfg: PretrainConfig) -> None:
+    """What a streamed run cannot do (yet), as one line."""
+    if cfg.saliency:
+        raise RelicError("--saliency needs the training split in memory (masks of streamed data are not "
+                         "supported yet): use --in-memory yes")
+    if cfg.image_size is not None:
+        raise RelicError("--image-size resizes the split decoded in memory; a streamed run crops the full "
+                         "images: drop --image-size or use --in-memory yes")
 
 
 def view_config(cfg: PretrainConfig) -> ViewConfig:
@@ -286,16 +319,21 @@ def _cpu_has_bf16() -> bool:
 # One step
 
 
-def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
+def train_step(run: Run, step: int, ddp: distributed.DistContext, batches=None) -> dict:
     """Optimizer step `step` (0-based): views -> loss -> backward -> optimiser -> EMA -> probe.
+    `batches`: a streamed run's loader, whose next item is this step's crops (stream.step_batches).
     Returns what the log needs, as device tensors: nothing here waits for the device."""
     cfg, clock = run.cfg, _StepClock(run.device)
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + step)
     batch_idx = _batch_indices(step, run.steps_per_epoch, len(run.labels), cfg.batch_size, cfg.seed,
                                run.device)
     generator, view_idx, rows, keep = ddp.shard(generator, batch_idx)  # this process's share
-    masks = run.masks[view_idx] if run.masks is not None else None
-    views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
+    if batches is None:
+        masks = run.masks[view_idx] if run.masks is not None else None
+        views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
+    else:  # cut and resized in the loader's workers; the photometric part as make_views
+        large, small = (c.to(run.device, non_blocking=True) for c in next(batches))  # a wait: data time
+        views = views_from_crops(large, small, run.views, generator).rows(keep)
     labels = run.labels[rows]
     lr = lr_at(step, run.total_steps, run.base_lr, run.warmup_steps)
     for group in run.optimizer.param_groups:
@@ -445,9 +483,12 @@ def train(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistC
           task, step_callback=None) -> None:
     """Steps until the last step, the time budget or a signal (SIGTERM/SIGINT on any process)."""
     cfg, received = run.cfg, []
+    # Streamed: the loader starts at this run's first step (a resumed run's too) and works ahead.
+    batches = None if run.crops is None else stream.step_batches(run.crops, state.step, run.last_step,
+                                                                 run.workers, run.device.type == "cuda")
     with options.handle_signals(lambda signum, _frame: received.append(signum)):
         while state.step < run.last_step and not state.signal and not state.out_of_time:
-            out = train_step(run, state.step, ddp)
+            out = train_step(run, state.step, ddp, batches)
             _watch_loss(state, out["loss"])
             state.step += 1
             state.train_s += out["host_s"]  # the host waits once the device's queue is full
@@ -503,7 +544,8 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
         if run.scaler.is_enabled():
             record["grad_scale"] = run.scaler.get_scale()
     if eval_now:
-        state.last_eval = _evaluate(run, progress, ddp.encode(encode_images))
+        encode = encode_images if run.crops is None else stream.encode_streamed
+        state.last_eval = _evaluate(run, progress, ddp.encode(encode))
         record = {"step": step, **record, **state.last_eval}
     if record:
         log.write(record)  # metrics.jsonl, and --logger's scalars
@@ -556,10 +598,14 @@ def _evaluate(run: Run, progress, encode=encode_images) -> dict:
     encode_images, or its version sharded over processes (relicv2_cli.distributed)."""
     cfg, dataset, dev = run.cfg, run.dataset, run.device
     size = run.config["image_size"]
-    train_f = encode(run.online.encoder, dataset.train.images, image_size=size, device=dev,
-                     precision=cfg.precision, progress=progress)
-    test_f = encode(run.online.encoder, dataset.test.images, image_size=size, device=dev,
-                    precision=cfg.precision, progress=progress)
+    if run.crops is None:
+        train_x, test_x = dataset.train.images, dataset.test.images
+    else:  # decoded in chunks by the loader's workers
+        train_x, test_x = (stream.StreamedImages(s, run.workers) for s in (dataset.train, dataset.test))
+    train_f = encode(run.online.encoder, train_x, image_size=size, device=dev, precision=cfg.precision,
+                     progress=progress)
+    test_f = encode(run.online.encoder, test_x, image_size=size, device=dev, precision=cfg.precision,
+                    progress=progress)
     knn = knn_accuracy(train_f, dataset.train.labels, test_f, dataset.test.labels, dataset.num_classes,
                        cfg.knn_k, cfg.knn_temperature)
     with torch.no_grad():
@@ -602,6 +648,8 @@ def run_pretrain(
         raise RelicError("--precision fp16 needs a CUDA device (float16 autocast with a gradient scaler); "
                          "on the CPU use bf16 or fp32")
     run = setup(cfg, ddp.device, ddp)
+    if cfg.in_memory == "auto" and ddp.is_main and not quiet:
+        options.console.print(f"data {run.data_choice}", markup=False, highlight=False, soft_wrap=True)
     name = name or f"{cfg.method}-{cfg.spec.split(':')[0]}-{cfg.arch}"
     # Rank 0 opens the staging directory; under torchrun --resume with nothing to resume starts afresh.
     staging, resume = ddp.open_staging(workdir, "pretrain", name, force=force, resume=resume)
@@ -693,6 +741,7 @@ def _check_config(cfg: PretrainConfig) -> None:
     options.check_choice("--bn-stats", cfg.bn_stats, BN_STATS)
     options.check_choice("--jitter", cfg.jitter, JITTERS)
     options.check_choice("--channels-last", cfg.channels_last, CHANNELS_LAST)
+    options.check_choice("--in-memory", cfg.in_memory, stream.IN_MEMORY)
     if cfg.large_crops < 1 or cfg.small_crops < 0:
         raise RelicError("need --large-crops >= 1 and --small-crops >= 0")
     if cfg.method == "byol" and cfg.large_crops < 2:
@@ -713,7 +762,8 @@ def _check_config(cfg: PretrainConfig) -> None:
                              ("--image-size", cfg.image_size, MIN_CROP),
                              ("--weight-decay", cfg.weight_decay, 0),
                              ("--warmup-epochs", cfg.warmup_epochs, 0), ("--eval-every", cfg.eval_every, 0),
-                             ("--alpha", cfg.alpha, 0), ("--beta", cfg.beta, 0)):
+                             ("--alpha", cfg.alpha, 0), ("--beta", cfg.beta, 0),
+                             ("--workers", cfg.workers, 0)):
         options.check_at_least(flag, value, low)
     for flag, value in (("--mask-prob", cfg.mask_prob), ("--mask-min-area", cfg.mask_min_area),
                         ("--ema-base", cfg.ema_base)):
@@ -836,6 +886,12 @@ def command(
     limit_train: options.LimitTrain = D.limit_train,
     limit_test: options.LimitTest = D.limit_test,
     image_size: options.ImageSize = D.image_size,
+    in_memory: Annotated[str, _opt("auto, yes or no: decode the training split into memory once (fastest), "
+                                   "or stream it: decode and crop each step's images in loader workers. "
+                                   "auto streams when the decoded data would take more than half the "
+                                   "available RAM or free GPU memory.")] = D.in_memory,
+    workers: Annotated[int | None, _opt("Loader processes of a streamed run (default: the usable CPU cores "
+                                        "less one, at most 8; 0: in the training process).")] = D.workers,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = D.seed,

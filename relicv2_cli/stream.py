@@ -1,0 +1,331 @@
+"""Streamed images: decoding and random resized crops in DataLoader workers, for training splits that
+do not fit in memory decoded (`relicv2 pretrain --in-memory`, docs/pretrain.md "Streamed data").
+
+Everything here reads a split through `Split.encoded(i)` (the JPEG/PNG bytes of image i) only, so an
+image folder and a prepared set stream alike. Pretraining's step s is one loader item: the crops of
+every image of that step's batch, each image's crop boxes drawn from a generator seeded by (seed,
+step, position in the batch), so the crops depend neither on the number of workers nor on where a
+run was resumed. The photometric augmentations are not done here: they stay batched on the training
+device (augment.views_from_crops).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from collections.abc import Callable, Iterator
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from relicv2_cli.augment import ViewConfig, sample_boxes
+from relicv2_cli.data import Dataset, Split, truncated_jpeg
+from relicv2_cli.errors import RelicError
+
+IN_MEMORY = ("auto", "yes", "no")
+MEMORY_SHARE = 0.5  # auto streams when the decoded data would take more than this share of the memory
+SIZE_SAMPLE = 64  # images whose header sizes estimate a split's decoded size
+REDUCTIONS = (8, 4, 2)  # JPEG decodes at 1/8, 1/4 or 1/2 scale (DCT scaling, PIL's draft)
+
+
+def default_workers() -> int:
+    """Loader processes when --workers is not given: the CPU cores this process may use, less one
+    for the training loop, at most 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) - 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image
+
+
+def image_name(split: Split, i: int) -> str:
+    return split.files[i] if split.files is not None else f"image {i}"
+
+
+def open_image(data: bytes, name: str) -> Image.Image:
+    """The image's header (size, mode) read, pixels not yet decoded; one-line errors naming `name`."""
+    if truncated_jpeg(data):
+        raise RelicError(f"truncated image {name} (no end-of-image marker after its last scan)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RelicError(f"unreadable image {name}: {e}") from None
+
+
+def decode(image: Image.Image, name: str, reduction: int = 1) -> np.ndarray:
+    """RGB uint8 (H', W', 3) of an opened image; a JPEG with reduction r > 1 decodes at about 1/r
+    scale (H' = ceil(H / r), the DCT scaling of libjpeg, much faster than a full decode)."""
+    try:
+        if reduction > 1:
+            image.draft("RGB", (math.ceil(image.width / reduction), math.ceil(image.height / reduction)))
+        return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RelicError(f"truncated or unreadable image {name}: {e}") from None
+
+
+def pixel_boxes(boxes: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """Float boxes (n, 4) x1, y1, x2, y2 -> whole pixels inside the image (at least 1 x 1), as
+    torchvision's RandomResizedCrop rounds them."""
+    b = boxes.double().numpy()
+    w = np.clip(np.rint(b[:, 2] - b[:, 0]), 1, width).astype(int)
+    h = np.clip(np.rint(b[:, 3] - b[:, 1]), 1, height).astype(int)
+    x = np.clip(np.rint(b[:, 0]).astype(int), 0, width - w)
+    y = np.clip(np.rint(b[:, 1]).astype(int), 0, height - h)
+    return np.stack([x, y, x + w, y + h], axis=1)
+
+
+def reduction_for(boxes: np.ndarray, sizes: np.ndarray) -> int:
+    """The largest JPEG reduction that keeps at least `size` pixels across every box (each box's
+    output side in `sizes`): decoding smaller then loses nothing the resize would keep."""
+    across = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) / sizes
+    return next((r for r in REDUCTIONS if across.min() >= r), 1)
+
+
+def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """cv2.resize: area averaging when both sides shrink (antialiased), bilinear otherwise."""
+    shrink = pixels.shape[1] >= width and pixels.shape[0] >= height
+    return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Generator,
+               reduce: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Large (L, ls, ls, 3) and small (S, ss, ss, 3) uint8 random resized crops of one encoded image:
+    boxes drawn as augment.sample_boxes draws them (large first) on the full image's size, the image
+    decoded at the smallest scale that keeps every box at least its output size across."""
+    image = open_image(data, name)
+    width, height = image.size
+    L, S = views.large_crops, views.small_crops
+    boxes = torch.cat([sample_boxes(L, height, width, views.large_scale, views.ratio, generator, "cpu"),
+                       sample_boxes(S, height, width, views.small_scale, views.ratio, generator, "cpu")])
+    boxes = pixel_boxes(boxes, width, height)
+    sizes = np.array([views.large_size] * L + [views.small_size] * S)
+    pixels = decode(image, name, reduction_for(boxes, sizes) if reduce else 1)
+    # The decoded image may be smaller: scale the boxes to it (exact for reduction 1).
+    scale = np.array([pixels.shape[1] / width, pixels.shape[0] / height] * 2)
+    boxes = np.rint(boxes * scale).astype(int)
+    crops = [resize(pixels[y1:y2, x1:x2], size, size)
+             for (x1, y1, x2, y2), size in zip(boxes, sizes, strict=True)]
+    large = np.stack(crops[:L]) if L else np.zeros((0, views.large_size, views.large_size, 3), np.uint8)
+    small = np.stack(crops[L:]) if S else np.zeros((0, views.small_size, views.small_size, 3), np.uint8)
+    return large, small
+
+
+def center_image(data: bytes, name: str, size: int) -> np.ndarray:
+    """Evaluation view as augment.center_view: the shorter side resized to `size` (area averaging),
+    the centre size x size kept; uint8 (size, size, 3)."""
+    image = open_image(data, name)
+    width, height = image.size
+    reduction = next((r for r in REDUCTIONS if min(width, height) >= r * size), 1)
+    pixels = decode(image, name, reduction)
+    h, w = pixels.shape[:2]
+    new_h, new_w = (size, max(size, round(w * size / h))) if h <= w else \
+        (max(size, round(h * size / w)), size)
+    pixels = resize(pixels, new_w, new_h)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return pixels[top : top + size, left : left + size]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretraining's steps
+
+
+def image_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The generator of one image's crop boxes: a function of (seed, step, position in the batch)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + position) % 2**63)
+
+
+class StepCrops(torch.utils.data.Dataset):
+    """Item s: the crops of step s's images (uint8, view-major: large (L * B, 3, ls, ls), small
+    (S * B, 3, ss, ss)), or a RelicError's message (a worker's exception would reach the training
+    loop as a multi-line traceback)."""
+
+    def __init__(self, split: Split, views: ViewConfig, batch_indices: Callable[[int], torch.Tensor],
+                 positions: torch.Tensor, seed: int):
+        self.split, self.views, self.batch_indices = split, views, batch_indices
+        self.positions, self.seed = positions.tolist(), seed  # the batch rows this process makes views of
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        try:
+            batch = self.batch_indices(step).tolist()
+            crops = [crop_image(self.split.encoded(batch[p]), image_name(self.split, batch[p]), self.views,
+                                image_generator(self.seed, step, p)) for p in self.positions]
+        except RelicError as e:
+            return f"{e} (step {step})"
+        return tuple(_view_major(np.stack([c[k] for c in crops])) for k in (0, 1))
+
+
+def _view_major(crops: np.ndarray) -> torch.Tensor:
+    """(B, V, s, s, 3) -> (V * B, 3, s, s): all images' view 0, then view 1, ... as make_views."""
+    b, v, s = crops.shape[:3]
+    return torch.from_numpy(crops).permute(1, 0, 4, 2, 3).reshape(v * b, 3, s, s).contiguous()
+
+
+def _init_worker(_worker_id: int) -> None:
+    cv2.setNumThreads(1)  # one core per worker: OpenCV's own threads would compete with the others
+
+
+def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, batch_size=None) -> Iterator:
+    """Items of `dataset` in the order of `items`, made by `workers` processes (0: in this one) two
+    items ahead each; RelicError messages from the workers raised here as one line."""
+    data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items, num_workers=workers,
+                                       pin_memory=pin, prefetch_factor=2 if workers else None,
+                                       worker_init_fn=_init_worker if workers else None)
+    for item in data:
+        if isinstance(item, str):
+            raise RelicError(item)
+        yield item
+
+
+def step_batches(crops: StepCrops, first: int, last: int, workers: int, pin: bool) -> Iterator:
+    """The crops of steps first .. last - 1, in order: a run resumed at step k starts its loader at k."""
+    return loader(crops, range(first, last), workers, pin)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: chunks of centre views, never the whole split decoded
+
+
+class CenterViews(torch.utils.data.Dataset):
+    def __init__(self, split: Split, size: int):
+        self.split, self.size = split, size
+
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        try:
+            pixels = center_image(self.split.encoded(i), image_name(self.split, i), self.size)
+        except RelicError as e:
+            return str(e)
+        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+
+
+def _collate(items: list) -> torch.Tensor | str:
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)
+
+
+class StreamedImages:
+    """A split's images for evaluation, rows lo..hi: len() and slicing as an array, for
+    `encode_streamed` (and DistContext.encode's sharding)."""
+
+    def __init__(self, split: Split, workers: int, lo: int = 0, hi: int | None = None):
+        self.split, self.workers, self.lo, self.hi = split, workers, lo, len(split) if hi is None else hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, rows: slice) -> StreamedImages:
+        lo, hi, _ = rows.indices(len(self))
+        return StreamedImages(self.split, self.workers, self.lo + lo, self.lo + hi)
+
+
+def encode_streamed(encoder, images: StreamedImages, *, image_size: int, device: torch.device,
+                    precision: str = "bf16", batch_size: int = 512, progress=None) -> torch.Tensor:
+    """knn.encode_images of a streamed split: centre views of `image_size` decoded in the loader's
+    workers a batch at a time, so memory holds a few batches, never the split."""
+    from relicv2_cli.knn import encode_images
+
+    chunks = loader(CenterViews(images.split, image_size), range(images.lo, images.hi), images.workers,
+                    device.type == "cuda", batch_size=batch_size)
+    out = [encode_images(encoder, chunk, image_size=image_size, device=device, precision=precision,
+                         batch_size=batch_size) for chunk in _collated(chunks)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _collated(chunks: Iterator) -> Iterator[torch.Tensor]:
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            raise RelicError(chunk)
+        yield chunk
+
+
+# ---------------------------------------------------------------------------------------------------
+# In memory or streamed
+
+
+def can_stream(split: Split) -> bool:
+    """Whether the split has encoded images to stream (an image folder or a prepared set)."""
+    try:
+        split.encoded(0)
+    except RelicError:
+        return False
+    return True
+
+
+def decoded_bytes(split: Split, image_size: int | None = None) -> tuple[float, str, bool]:
+    """(bytes of the split decoded as uint8 RGB, how it was found, whether sizes differ): exact when
+    decoded or resized to --image-size, else the mean size of SIZE_SAMPLE evenly spaced images'
+    headers times the count."""
+    n = len(split)
+    if split._images is not None:
+        return float(split._images.nbytes), "exact", False
+    if image_size is not None:
+        return 3.0 * n * image_size**2, "exact", False
+    sample = sorted({round(i * (n - 1) / max(1, SIZE_SAMPLE - 1)) for i in range(min(n, SIZE_SAMPLE))})
+    sizes = [open_image(split.encoded(i), image_name(split, i)).size for i in sample]
+    mean = float(np.mean([w * h for w, h in sizes]))
+    return 3.0 * n * mean, f"estimated from {len(sample)} images' sizes", len(set(sizes)) > 1
+
+
+def available_ram() -> float:
+    """Bytes of RAM available to new allocations (Linux MemAvailable; free pages elsewhere)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def choose(mode: str, dataset: Dataset, device: torch.device,
+           image_size: int | None = None) -> tuple[bool, str]:
+    """(stream?, why) for --in-memory MODE. auto streams images of mixed sizes (the in-memory split is
+    one array: it would need --image-size), and data whose decoded training split would take more than
+    MEMORY_SHARE of the available RAM (the in-memory path holds it twice on the CPU: the decoded array
+    and the tensor made from it; plus the test split) or, on CUDA, of the free GPU memory."""
+    if mode == "yes":
+        return False, "--in-memory yes"
+    if not can_stream(dataset.train):
+        if mode == "no":
+            raise RelicError(f"--in-memory no streams encoded images (image folders, prepared sets); "
+                             f"{dataset.spec} is decoded in memory when loaded")
+        return False, f"{dataset.spec} is decoded in memory when loaded"
+    if mode == "no":
+        return True, "--in-memory no"
+    train, how, mixed = decoded_bytes(dataset.train, image_size)
+    if mixed:
+        return True, "images of mixed sizes (in memory they need --image-size)"
+    test = decoded_bytes(dataset.test, image_size)[0]
+    host = (2 if device.type == "cpu" else 1) * train + test
+    ram = available_ram()
+    gib = 2.0**30
+    if host > MEMORY_SHARE * ram:
+        return True, (f"decoded data ~{host / gib:.1f} GiB ({how}) > {MEMORY_SHARE:.0%} of "
+                      f"{ram / gib:.1f} GiB available RAM")
+    if device.type == "cuda":
+        free = float(torch.cuda.mem_get_info(device)[0])
+        if train > MEMORY_SHARE * free:
+            return True, (f"decoded training split ~{train / gib:.1f} GiB ({how}) > {MEMORY_SHARE:.0%} of "
+                          f"{free / gib:.1f} GiB free GPU memory")
+    return False, (f"decoded data ~{host / gib:.2f} GiB ({how}) <= {MEMORY_SHARE:.0%} of {ram / gib:.1f} GiB "
+                   "available RAM" + (" and of free GPU memory" if device.type == "cuda" else ""))
+
+
+def encoded_fingerprints(dataset: Dataset) -> None:
+    """Fingerprint each split not yet fingerprinted from its encoded bytes and labels (reading, not
+    decoding, every file), so that the manifest's dataset record never decodes a streamed split."""
+    for split in (dataset.train, dataset.val, dataset.test):
+        if split is None or split._fingerprint is not None or split._images is not None:
+            continue
+        digest = hashlib.sha256()
+        digest.update(f"encoded {len(split)}".encode())
+        for i in range(len(split)):
+            data = split.encoded(i)
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        digest.update(np.ascontiguousarray(split.labels.astype(np.int64)).data)
+        split._fingerprint = digest.hexdigest()
+
