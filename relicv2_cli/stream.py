@@ -105,8 +105,8 @@ def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Gener
     decoded at the smallest scale that keeps every box at least its output size across."""
     width, height = header_size(data, name)
     L, S = views.large_crops, views.small_crops
-    boxes = torch.cat([sample_boxes(L, height, width, views.large_scale, views.ratio, generator, "cpu"),
-                       sample_boxes(S, height, width, views.small_scale, views.ratio, generator, "cpu")])
+    boxes = torch.cat([sample_boxes(n, height, width, scale, views.ratio, generator, "cpu")
+                       for n, scale in ((L, views.large_scale), (S, views.small_scale)) if n])
     boxes = pixel_boxes(boxes, width, height)
     sizes = np.array([views.large_size] * L + [views.small_size] * S)
     pixels = decode(data, name, reduction_for(boxes, sizes) if reduce else 1)
@@ -114,7 +114,7 @@ def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Gener
     scale = np.array([pixels.shape[1] / width, pixels.shape[0] / height] * 2)
     boxes = np.rint(boxes * scale).astype(int)
     # BGR to RGB on the small crops rather than the image
-    crops = [resize(pixels[y1:y2, x1:x2], size, size)[..., ::-1]
+    crops = [cv2.cvtColor(resize(pixels[y1:y2, x1:x2], size, size), cv2.COLOR_BGR2RGB)
              for (x1, y1, x2, y2), size in zip(boxes, sizes, strict=True)]
     large = np.stack(crops[:L]) if L else np.zeros((0, views.large_size, views.large_size, 3), np.uint8)
     small = np.stack(crops[L:]) if S else np.zeros((0, views.small_size, views.small_size, 3), np.uint8)
@@ -132,7 +132,7 @@ def center_image(data: bytes, name: str, size: int) -> np.ndarray:
         (max(size, round(h * size / w)), size)
     pixels = resize(pixels, new_w, new_h)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    return pixels[top : top + size, left : left + size, ::-1]
+    return cv2.cvtColor(pixels[top : top + size, left : left + size], cv2.COLOR_BGR2RGB)
 
 
 # ---------------------------------------------------------------------------------------------------
