@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Annotated
@@ -169,6 +170,7 @@ class Run:
     base_lr: float
     config: dict  # what the manifest and the checkpoint record
     scaler: torch.amp.GradScaler  # fp16: loss scaling; a pass-through otherwise
+    batches: Iterator | None = None  # streamed: the loader of step crops, started by `train`
 
 
 @dataclass
@@ -319,20 +321,20 @@ def _cpu_has_bf16() -> bool:
 # One step
 
 
-def train_step(run: Run, step: int, ddp: distributed.DistContext, batches=None) -> dict:
+def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
     """Optimizer step `step` (0-based): views -> loss -> backward -> optimiser -> EMA -> probe.
-    `batches`: a streamed run's loader, whose next item is this step's crops (stream.step_batches).
+    Streamed, run.batches' next item is this step's crops (stream.step_batches).
     Returns what the log needs, as device tensors: nothing here waits for the device."""
     cfg, clock = run.cfg, _StepClock(run.device)
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed * 1_000_003 + step)
     batch_idx = _batch_indices(step, run.steps_per_epoch, len(run.labels), cfg.batch_size, cfg.seed,
                                run.device)
     generator, view_idx, rows, keep = ddp.shard(generator, batch_idx)  # this process's share
-    if batches is None:
+    if run.batches is None:
         masks = run.masks[view_idx] if run.masks is not None else None
         views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
     else:  # cut and resized in the loader's workers; the photometric part as make_views
-        large, small = (c.to(run.device, non_blocking=True) for c in next(batches))  # a wait: data time
+        large, small = (c.to(run.device, non_blocking=True) for c in next(run.batches))  # a wait: data time
         views = views_from_crops(large, small, run.views, generator).rows(keep)
     labels = run.labels[rows]
     lr = lr_at(step, run.total_steps, run.base_lr, run.warmup_steps)
@@ -484,11 +486,12 @@ def train(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistC
     """Steps until the last step, the time budget or a signal (SIGTERM/SIGINT on any process)."""
     cfg, received = run.cfg, []
     # Streamed: the loader starts at this run's first step (a resumed run's too) and works ahead.
-    batches = None if run.crops is None else stream.step_batches(run.crops, state.step, run.last_step,
-                                                                 run.workers, run.device.type == "cuda")
+    if run.crops is not None:
+        run.batches = stream.step_batches(run.crops, state.step, run.last_step, run.workers,
+                                          run.device.type == "cuda")
     with options.handle_signals(lambda signum, _frame: received.append(signum)):
         while state.step < run.last_step and not state.signal and not state.out_of_time:
-            out = train_step(run, state.step, ddp, batches)
+            out = train_step(run, state.step, ddp)
             _watch_loss(state, out["loss"])
             state.step += 1
             state.train_s += out["host_s"]  # the host waits once the device's queue is full
