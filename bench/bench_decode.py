@@ -43,14 +43,14 @@ from relicv2_cli.data import Split, load_dataset  # noqa: E402
 from relicv2_cli.stages.pretrain import PRESETS  # noqa: E402
 
 
-def write_jpegs(root: Path, n: int, seed: int = 0) -> list[str]:
-    """n JPEGs in 10 class folders, each side uniform in 300-500 px."""
+def write_jpegs(root: Path, n: int, sides: tuple[int, int] = (300, 500), seed: int = 0) -> list[str]:
+    """n JPEGs in 10 class folders, each side uniform in `sides` px."""
     rng = np.random.default_rng(seed)
     data = os.environ.get("RELICV2_DATA")
     sources = load_dataset(f"cifar10:{data}", limit_train=n).train.images if data else None
     files = []
     for i in range(n):
-        w, h = (int(v) for v in rng.integers(300, 501, 2))
+        w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
         if sources is not None:
             image = cv2.resize(sources[i % len(sources)][..., ::-1], (w, h), interpolation=cv2.INTER_CUBIC)
         else:  # smooth random pictures: a few coloured blobs
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--sides", type=int, nargs=2, default=[300, 500], help="range of the JPEGs' sides")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--step-s", type=float, default=1.0, help="GPU step time for the cores estimate")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_cpu.json")
@@ -123,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "jpegs"
         t0 = time.perf_counter()
-        files = write_jpegs(root, args.images)
+        files = write_jpegs(root, args.images, tuple(args.sides))
         print(f"{len(files)} JPEGs, {sum(Path(f).stat().st_size for f in files) / len(files) / 1024:.0f} KiB "
               f"each on average, written in {time.perf_counter() - t0:.0f} s", flush=True)
         def tv(workers: int, float_tensor: bool):
@@ -164,7 +165,7 @@ def main() -> None:
         "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "opencv": cv2.__version__,
                     "load_average_before": load_before, "load_average_after": load_after},
-        "settings": {"images": args.images, "sizes_px": [300, 500], "jpeg_quality": 90, "size": args.size,
+        "settings": {"images": args.images, "sizes_px": args.sides, "jpeg_quality": 90, "size": args.size,
                      "batch": args.batch, "source": "cifar10 upscaled" if os.environ.get("RELICV2_DATA")
                      else "synthetic"},
         "rows": rows, "speedup_per_core": speedups,

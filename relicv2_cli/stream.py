@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import signal
 from collections.abc import Callable, Iterator
 
 import cv2
@@ -170,6 +171,13 @@ def _view_major(crops: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(crops).permute(1, 0, 4, 2, 3).reshape(v * b, 3, s, s).contiguous()
 
 
+def _ignore_sigint(_worker: int) -> None:
+    """Ctrl-C reaches the whole process group: the workers leave it to the training process, which
+    finishes its step, checkpoints and then ends them. SIGTERM keeps its default: Python's exit ends
+    leftover workers with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, batch_size=None) -> Iterator:
     """Items of `dataset` in the order of `items`, made by `workers` processes (0: in this one) two
     items ahead each; RelicError messages from the workers raised here as one line.
@@ -177,12 +185,17 @@ def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, ba
     OpenCV is set to one thread here, before the workers fork: the parallelism is the workers', and
     cv2.setNumThreads in a worker forked from a process whose OpenCV threads run deadlocks."""
     cv2.setNumThreads(1)
-    data = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items, num_workers=workers,
-                                       pin_memory=pin, prefetch_factor=2 if workers else None)
-    for item in data:
-        if isinstance(item, str):
-            raise RelicError(item)
-        yield item
+    data = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items,
+                                            num_workers=workers, pin_memory=pin,
+                                            prefetch_factor=2 if workers else None,
+                                            worker_init_fn=_ignore_sigint if workers else None))
+    try:
+        for item in data:
+            if isinstance(item, str):
+                raise RelicError(item)
+            yield item
+    finally:  # the workers end now (close() or an error), not when a traceback holding them is freed
+        del data
 
 
 def step_batches(crops: StepCrops, first: int, last: int, workers: int, pin: bool) -> Iterator:

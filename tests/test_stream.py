@@ -209,6 +209,19 @@ def test_step_crops_do_not_depend_on_the_number_of_workers(folder):
     assert np.array_equal(alone[1][0][4].permute(1, 2, 0).numpy(), image0[0][1])
 
 
+def test_workers_leave_ctrl_c_to_the_training_process(folder):
+    # Ctrl-C signals the whole process group; the training loop may need more steps' crops before it
+    # stops (under torchrun it votes on log steps only), so the workers must keep working.
+    dataset = load_dataset(f"imagefolder:{folder}")
+    crops = stream.StepCrops(dataset.train, ViewConfig(large_crops=1, small_crops=0, large_size=8),
+                             lambda step: torch.arange(4), torch.arange(4), seed=0)
+    batches = stream.step_batches(crops, 0, 8, workers=2, pin=False)
+    next(batches)
+    for pid in children():
+        os.kill(pid, signal.SIGINT)
+    assert len(list(batches)) == 7
+
+
 # ---------------------------------------------------------------------------------------------------
 # Streamed pretraining end to end
 
@@ -223,17 +236,25 @@ def test_streamed_pretrain_writes_the_artifact_and_evaluates_in_chunks(folder, t
     assert len(art.manifest["dataset"]["fingerprint"]) == 64  # from the encoded bytes: nothing decoded
 
 
+def children() -> list[int]:
+    return [int(pid) for task in Path("/proc/self/task").iterdir()
+            for pid in (task / "children").read_text().split()]
+
+
 def test_streamed_resume_equals_an_uninterrupted_run_with_any_workers(folder, tmp_path):
     # The uninterrupted run makes its crops in the training process, the cut one in 2 workers.
     whole = run_pretrain(tiny(folder, max_steps=6), workdir=tmp_path, name="whole", quiet=True)
 
     def kill_at_3(step):
         if step == 3:
+            assert len(children()) == 2
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(typer.Exit):
+    with pytest.raises(typer.Exit) as stopped:
         run_pretrain(tiny(folder, max_steps=6, workers=2), workdir=tmp_path, name="cut", quiet=True,
                      step_callback=kill_at_3)
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
+    assert children() == []  # the workers ended with the loop, not when the traceback is freed
     resumed = run_pretrain(tiny(folder, max_steps=6, workers=2), workdir=tmp_path, name="cut", resume=True,
                            quiet=True)
     a, b = backbone(whole), backbone(resumed)

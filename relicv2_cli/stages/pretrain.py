@@ -16,6 +16,7 @@ are read only on log, evaluation and checkpoint steps (docs/pretrain.md, "Host s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -489,7 +490,8 @@ def train(run: Run, state: State, checkpoint: Checkpoint, ddp: distributed.DistC
     if run.crops is not None:
         run.batches = stream.step_batches(run.crops, state.step, run.last_step, run.workers,
                                           run.device.type == "cuda")
-    with options.handle_signals(lambda signum, _frame: received.append(signum)):
+    with options.handle_signals(lambda signum, _frame: received.append(signum)), \
+            (contextlib.closing(run.batches) if run.batches else contextlib.nullcontext()):  # workers end
         while state.step < run.last_step and not state.signal and not state.out_of_time:
             out = train_step(run, state.step, ddp)
             _watch_loss(state, out["loss"])
