@@ -123,7 +123,7 @@ def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Gener
 
 
 def center_image(data: bytes, name: str, size: int) -> np.ndarray:
-    """Evaluation view as augment.center_view: the shorter side resized to `size` (area averaging),
+    """Evaluation view as augment.center_view: the shorter side resized to `size` (`resize`),
     the centre size x size kept; uint8 (size, size, 3)."""
     width, height = header_size(data, name)
     reduction = next((r for r in REDUCTIONS if min(width, height) >= r * size), 1)

@@ -460,10 +460,10 @@ def _batch_indices(step: int, steps_per_epoch: int, n: int, batch: int, seed: in
     return _epoch_permutation(n, seed, epoch, device)[within * batch : (within + 1) * batch]
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
 def _epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     # Drawn on the CPU (the same order on every device) and copied once per epoch: a copy to the GPU
-    # every step would wait for it.
+    # every step would wait for it. Two entries: a streamed run with --workers 0 also reads the CPU's.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).to(device)
 
 
