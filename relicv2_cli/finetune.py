@@ -19,7 +19,9 @@ from relicv2_cli.errors import RelicError
 from relicv2_cli.features import embed
 from relicv2_cli.knn import autocast
 from relicv2_cli.optim import lr_at, scaled_lr
-from relicv2_cli.probe import score
+from relicv2_cli.probe import LogisticModel, score
+
+BN_MODES = ("train", "frozen")
 
 
 class Classifier(nn.Module):
@@ -38,10 +40,15 @@ def finetune(
     encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, num_classes: int, size: int, epochs: float,
     max_steps: int | None, batch_size: int, lr: float, head_lr_scale: float, momentum: float,
     crop_min_scale: float, seed: int, device: torch.device, precision: str, quiet: bool,
-    description: str = "fine-tune",
+    head_init: LogisticModel | None = None, bn: str = "train", description: str = "fine-tune",
 ) -> tuple[Classifier, list[dict], dict]:
     """Fine-tune a copy of the encoder + a new head on (images, labels); returns the network in eval
-    mode, the training curve and a summary (steps, batch, lr, seconds)."""
+    mode, the training curve and a summary (steps, batch, lr, seconds).
+
+    `head_init`: a probe fitted on the frozen features of these images starts the head (zeros
+    otherwise), so the first steps do not push random-head gradients into the pretrained body.
+    `bn="frozen"` keeps BatchNorm in eval mode (pretrained statistics; its affine weights still
+    train), `"train"` normalises with batch statistics as in pretraining."""
     n = len(images)
     if n < 2:
         raise RelicError(f"cannot fine-tune on {n} image(s): BatchNorm needs batches of 2 or more")
@@ -53,8 +60,16 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = Classifier(copy.deepcopy(encoder.model), encoder.feature_dim, num_classes)
+    if head_init is not None:
+        with torch.no_grad():
+            net.head.weight.copy_(head_init.weight)
+            net.head.bias.copy_(head_init.bias)
     net.requires_grad_(True)
     net = net.to(device).train()
+    if bn == "frozen":
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     groups = [{"params": list(net.encoder.parameters()), "scale": 1.0},

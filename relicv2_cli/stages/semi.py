@@ -18,8 +18,10 @@ Reported: top-1/top-5 on the full test split, centre view, BN in eval mode.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -40,11 +42,22 @@ from relicv2_cli.data.subsets import (
 )
 from relicv2_cli.encoders import Encoder, load_encoder
 from relicv2_cli.errors import RelicError
-from relicv2_cli.features import view_size
-from relicv2_cli.finetune import evaluate_network, finetune
-from relicv2_cli.probe import print_probe_table
+from relicv2_cli.features import embed, split_features, view_size
+from relicv2_cli.finetune import BN_MODES, evaluate_network, finetune
+from relicv2_cli.probe import (
+    DEFAULT_L2_GRID,
+    ProbeResult,
+    holdout_split,
+    linear_probe,
+    parse_l2_grid,
+    print_probe_table,
+)
 
 SUBSET_FILE = "subset.txt"
+HEAD_INITS = ("probe", "zero")
+EPOCHS = 30.0
+LR = 0.1
+CROP_MIN_SCALE = 0.08
 
 
 def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
@@ -70,15 +83,39 @@ def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
     return indices, {"source": "file", "path": str(path.resolve())}
 
 
+@dataclass
+class Recipe:
+    """One fine-tuning configuration; `--select` tries every combination of the listed values."""
+
+    epochs: float
+    lr: float
+    crop_min_scale: float
+
+    def row(self) -> dict:
+        return {"epochs": self.epochs, "lr": self.lr, "crop_min_scale": self.crop_min_scale}
+
+
+def frozen_probe(train_x: np.ndarray, train_y: np.ndarray, test_x, test_y, *,
+                 num_classes: int, seed: int) -> ProbeResult:
+    """The cached-feature linear probe (eval linear's solver) fitted on labelled images only: L2 chosen
+    on a held-out 20% of them, refit on all of them."""
+    return linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                        grid=parse_l2_grid(DEFAULT_L2_GRID), val_fraction=0.2, seed=seed)
+
+
 def run_semi(
     encoder: Encoder, dataset: Dataset, *, workdir: Path, name: str | None = None,
-    fraction: float | None = None, subset: str | None = None, epochs: float = 30.0,
-    max_steps: int | None = None, lr: float = 0.1,
-    head_lr_scale: float = 1.0, momentum: float = 0.9, crop_min_scale: float = 0.08, batch_size: int = 64,
+    fraction: float | None = None, subset: str | None = None, epochs: float | list[float] = EPOCHS,
+    max_steps: int | None = None, lr: float | list[float] = LR, head_lr_scale: float = 1.0,
+    head_init: str = "probe", bn: str = "train", momentum: float = 0.9,
+    crop_min_scale: float | list[float] = CROP_MIN_SCALE, val_fraction: float = 0.2, batch_size: int = 64,
     precision: str = "bf16", seed: int = 0, device: str = "auto", force: bool = False, quiet: bool = False,
     save_weights: bool = False, config_extra: dict | None = None,
 ):
-    _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale)
+    epochs, lr, crop_min_scale = _as_list(epochs), _as_list(lr), _as_list(crop_min_scale)
+    _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale, head_init, bn,
+                   val_fraction)
+    candidates = [Recipe(e, r, c) for e, r, c in itertools.product(epochs, lr, crop_min_scale)]
     indices, source = resolve_subset(dataset, fraction, subset, seed)
     digest = subset_digest(indices)
     workdir = Path(workdir)
@@ -88,61 +125,123 @@ def run_semi(
     check_fresh(workdir, "semi", name, force)
     dev = options.resolve_device(device)
     start = time.perf_counter()
-    train_images, train_labels = dataset.train.images, dataset.train.labels
-    size = view_size(encoder, train_images)
-    counts = per_class_counts(train_labels, indices, dataset.num_classes)
+    images, labels = dataset.train.images[indices], dataset.train.labels[indices]
+    size = view_size(encoder, dataset.train.images)
+    counts = per_class_counts(dataset.train.labels, indices, dataset.num_classes)
+    tune = dict(num_classes=dataset.num_classes, size=size, max_steps=max_steps, batch_size=batch_size,
+                head_lr_scale=head_lr_scale, momentum=momentum, bn=bn, seed=seed, device=dev,
+                precision=precision, quiet=quiet)
+    evaluate = dict(num_classes=dataset.num_classes, size=size, device=dev, precision=precision,
+                    batch_size=max(batch_size, 256), quiet=quiet)
+
+    # The frozen-feature probe on the labelled images: the number fine-tuning has to beat, and the head
+    # it starts from (--head-init probe).
+    test = split_features(encoder, dataset, "test", device=dev, precision=precision, workdir=workdir,
+                          quiet=quiet)
+    feats = embed(encoder.model.to(dev), images, size=size, device=dev, precision=precision,
+                  batch_size=256, quiet=quiet, description="labelled images").numpy()
+    probe = frozen_probe(feats, labels, test.features, test.labels, num_classes=dataset.num_classes,
+                         seed=seed)
+
+    selection = []
+    if len(candidates) > 1:  # fine-tune on part of the labelled images, score the rest; never the test split
+        fit, held = holdout_split(labels, val_fraction, seed)
+        fit_probe = frozen_probe(feats[fit], labels[fit], feats[held], labels[held],
+                                 num_classes=dataset.num_classes, seed=seed)
+        for recipe in candidates:
+            net, _, _ = finetune(encoder, images[fit], labels[fit], epochs=recipe.epochs, lr=recipe.lr,
+                                 crop_min_scale=recipe.crop_min_scale,
+                                 head_init=fit_probe.model if head_init == "probe" else None, **tune,
+                                 description=f"select {_row_text(recipe.row())}")
+            val = evaluate_network(net, images[held], labels[held], **evaluate)
+            selection.append({**recipe.row(), "val_top1": val["top1"]})
+        best = max(range(len(candidates)), key=lambda i: selection[i]["val_top1"])  # ties: first listed
+        chosen = candidates[best]
+    else:
+        chosen = candidates[0]
     net, history, summary = finetune(
-        encoder, train_images[indices], train_labels[indices], num_classes=dataset.num_classes, size=size,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
-        momentum=momentum, crop_min_scale=crop_min_scale, seed=seed, device=dev, precision=precision,
-        quiet=quiet, description=f"fine-tune {encoder.label} on {len(indices)} labels")
-    result = evaluate_network(net, dataset.test.images, dataset.test.labels, num_classes=dataset.num_classes,
-                              size=size, device=dev, precision=precision, batch_size=max(batch_size, 256),
-                              quiet=quiet)
+        encoder, images, labels, epochs=chosen.epochs, lr=chosen.lr, crop_min_scale=chosen.crop_min_scale,
+        head_init=probe.model if head_init == "probe" else None, **tune,
+        description=f"fine-tune {encoder.label} on {len(indices)} labels")
+    result = evaluate_network(net, dataset.test.images, dataset.test.labels, **evaluate)
     metrics = {"top1": result["top1"], "top5": result["top5"], "mean_per_class": result["mean_per_class"],
                "per_class": dict(zip(dataset.class_names, result["per_class"], strict=True)),
+               "frozen_linear_top1": probe.test["top1"], "frozen_linear_top5": probe.test["top5"],
+               "frozen_linear_l2": probe.l2,
                "subset_size": len(indices), "subset_fraction": len(indices) / len(dataset.train),
                "subset_sha256": digest,
                "subset_per_class": dict(zip(dataset.class_names, counts, strict=True)),
+               "chosen": chosen.row(), "selection": selection,
                **summary, "final_loss": history[-1]["loss"] if history else None,
                "seconds": round(time.perf_counter() - start, 2)}
     config = {"encoder": encoder.record, "encoder_label": encoder.label, "subset": source, "epochs": epochs,
               "max_steps": max_steps, "lr": lr,
               "lr_rule": "lr * batch / 256 (backbone), x head_lr_scale (head)",
-              "head_lr_scale": head_lr_scale, "momentum": momentum, "nesterov": True, "weight_decay": 0.0,
-              "schedule": "cosine, no warm-up", "crop_min_scale": crop_min_scale, "batch_size": batch_size,
-              "image_size": size, "precision": precision, "seed": seed, "device": dev.type,
+              "head_lr_scale": head_lr_scale, "head_init": head_init, "bn": bn, "momentum": momentum,
+              "nesterov": True, "weight_decay": 0.0, "schedule": "cosine, no warm-up",
+              "crop_min_scale": crop_min_scale, "val_fraction": val_fraction if selection else None,
+              "batch_size": batch_size, "image_size": size, "precision": precision, "seed": seed,
+              "device": dev.type, "frozen_probe": {"l2_grid": DEFAULT_L2_GRID, "val_fraction": 0.2},
               "train_fingerprint": dataset.train.fingerprint, "num_classes": dataset.num_classes,
               "class_names": dataset.class_names, **(config_extra or {})}
+    parents = ([encoder.parent] if encoder.parent else []) + [test.artifact]
     with Staging(workdir, "semi", name, force=force) as staging:
         write_subset_file(staging.dir / SUBSET_FILE, indices)
         (staging.dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
         if save_weights:
             state = {f"{k}": v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
             save_file(state, str(staging.dir / "finetuned.safetensors"))
-        art = staging.commit(config=config, parents=[encoder.parent] if encoder.parent else [],
-                             dataset=dataset.record(), metrics=metrics)
+        art = staging.commit(config=config, parents=parents, dataset=dataset.record(), metrics=metrics)
     if not quiet:
-        print_probe_table(f"semi-supervised fine-tuning: {name}", [
-            ("encoder", encoder.label), ("dataset", dataset.spec),
-            ("labelled images", f"{len(indices):,} ({100 * metrics['subset_fraction']:.2f}% of train; "
-                                f"per class {min(counts)}-{max(counts)})"),
-            ("subset sha256", digest[:16]),
-            ("steps", f"{summary['steps']} x batch {summary['batch']} ({summary['train_seconds']:.0f} s)"),
-            ("test top-1", f"{100 * metrics['top1']:.2f}%"), ("test top-5", f"{100 * metrics['top5']:.2f}%"),
-        ])
+        rows = [("encoder", encoder.label), ("dataset", dataset.spec),
+                ("labelled images", f"{len(indices):,} ({100 * metrics['subset_fraction']:.2f}% of train; "
+                                    f"per class {min(counts)}-{max(counts)})"),
+                ("subset sha256", digest[:16])]
+        rows += [(f"select {_row_text(r)}", f"held-out top-1 {100 * r['val_top1']:.2f}%") for r in selection]
+        rows += [("fine-tuned", f"{_row_text(chosen.row())}, head {head_init}, BN {bn}"),
+                 ("steps", f"{summary['steps']} x batch {summary['batch']} "
+                           f"({summary['train_seconds']:.0f} s)"),
+                 ("frozen linear top-1 (same labels)", f"{100 * probe.test['top1']:.2f}%"),
+                 ("fine-tuned top-1", f"{100 * metrics['top1']:.2f}%"),
+                 ("fine-tuned top-5", f"{100 * metrics['top5']:.2f}%")]
+        print_probe_table(f"semi-supervised fine-tuning: {name}", rows)
     return art
 
 
-def _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale) -> None:
+def _row_text(row: dict) -> str:
+    return f"epochs {row['epochs']:g}, lr {row['lr']:g}, crop {row['crop_min_scale']:g}"
+
+
+def _as_list(value) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+
+
+def parse_values(flag: str, text: str) -> list[float]:
+    """One number or a comma list (`0.01,0.03`); more than one value makes `--select` candidates."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise RelicError(f"{flag} must be a number or a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise RelicError(f"{flag} must be a number or a comma list of numbers, got {text!r}")
+    return values
+
+
+def _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale, head_init, bn,
+                   val_fraction) -> None:
     options.check_choice("--precision", precision, options.PRECISIONS)
-    for flag, value in (("--batch-size", batch_size), ("--epochs", epochs), ("--lr", lr),
-                        ("--head-lr-scale", head_lr_scale)):
+    options.check_choice("--head-init", head_init, HEAD_INITS)
+    options.check_choice("--bn", bn, BN_MODES)
+    for flag, value in (("--batch-size", batch_size), ("--head-lr-scale", head_lr_scale),
+                        *(("--epochs", v) for v in epochs), *(("--lr", v) for v in lr)):
         options.check_positive(flag, value)
     if max_steps is not None and max_steps <= 0:
         raise RelicError(f"--max-steps must be positive, got {max_steps}")
-    if not 0 < crop_min_scale <= 1:
-        raise RelicError(f"--crop-min-scale must be in (0, 1], got {crop_min_scale}")
+    for value in crop_min_scale:
+        if not 0 < value <= 1:
+            raise RelicError(f"--crop-min-scale must be in (0, 1], got {value}")
+    if not 0 < val_fraction < 1:
+        raise RelicError(f"--val-fraction must be in (0, 1), got {val_fraction}")
 
 
 def command(
@@ -154,14 +253,27 @@ def command(
     subset: Annotated[str | None, typer.Option(
         help="Training indices to use: a file (one index per line, or.npy) or an earlier semi artifact (its "
              "subset.txt).")] = None,
-    epochs: Annotated[float, typer.Option(help="Passes over the labelled subset.")] = 30.0,
+    epochs: Annotated[str, typer.Option(
+        help="Passes over the labelled subset; a comma list is searched on held-out labelled images.")
+    ] = f"{EPOCHS:g}",
     max_steps: options.MaxSteps = None,
-    lr: Annotated[float, typer.Option(
-        help="Learning rate per 256 images: lr * batch / 256, cosine to 0, no warm-up.")] = 0.1,
+    lr: Annotated[str, typer.Option(
+        help="Backbone learning rate per 256 images: lr * batch / 256, cosine to 0, no warm-up; a comma "
+             "list is searched on held-out labelled images.")] = f"{LR:g}",
     head_lr_scale: Annotated[float, typer.Option(
-        help="The new head's learning rate as a multiple of the backbone's.")] = 1.0,
+        help="The head's learning rate as a multiple of the backbone's.")] = 1.0,
+    head_init: Annotated[str, typer.Option(
+        help="probe: start the head from the frozen-feature linear probe of the labelled images; zero: "
+             "a zero head (the old recipe).")] = "probe",
+    bn: Annotated[str, typer.Option(
+        help="BatchNorm while fine-tuning: train (batch statistics) or frozen (running statistics kept).")
+    ] = "train",
     momentum: Annotated[float, typer.Option(help="Nesterov momentum (byol: 0.9).")] = 0.9,
-    crop_min_scale: Annotated[float, typer.Option(help="Smallest random-resized-crop area fraction.")] = 0.08,
+    crop_min_scale: Annotated[str, typer.Option(
+        help="Smallest random-resized-crop area fraction; a comma list is searched on held-out labelled "
+             "images.")] = f"{CROP_MIN_SCALE:g}",
+    val_fraction: Annotated[float, typer.Option(
+        help="Share of every class of the labelled images held out when a list is searched.")] = 0.2,
     save_weights: Annotated[bool, typer.Option(
         "--save-weights",
         help="Also store the fine-tuned network (finetuned.safetensors) (default: off).")] = False,
@@ -178,20 +290,26 @@ def command(
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODER-DATASET-{F*100}pct-s{SEED}, or -subset-{sha(:8)}).")] = None,
     seed: Annotated[int, typer.Option(
-        help="Seed of the subset draw, batch order, crops, the head's init and random: init.")] = 0,
+        help="Seed of the subset draw, batch order, crops, held-out part and random: init.")] = 0,
     device: options.Device = "auto",
     force: options.Force = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Fine-tune the whole network on a class-balanced label subset; top-1/top-5 on the full test split."""
-    options.check_choice("--precision", precision, options.PRECISIONS)
+    """Fine-tune the whole network on a class-balanced label subset; top-1/top-5 on the full test split,
+    beside the frozen-feature linear probe fitted on the same labelled images."""
+    epoch_list, lr_list = parse_values("--epochs", epochs), parse_values("--lr", lr)
+    crop_list = parse_values("--crop-min-scale", crop_min_scale)
+    _check_options(precision, batch_size, epoch_list, lr_list, head_lr_scale, max_steps, crop_list, head_init,
+                   bn, val_fraction)
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
                            seed=seed)
-    art = run_semi(enc, dataset, workdir=workdir, name=name, fraction=fraction, subset=subset, epochs=epochs,
-                   max_steps=max_steps, lr=lr, head_lr_scale=head_lr_scale, momentum=momentum,
-                   crop_min_scale=crop_min_scale, batch_size=batch_size, precision=precision, seed=seed,
-                   device=device, force=force, quiet=quiet, save_weights=save_weights,
+    art = run_semi(enc, dataset, workdir=workdir, name=name, fraction=fraction, subset=subset,
+                   epochs=epoch_list,
+                   max_steps=max_steps, lr=lr_list, head_lr_scale=head_lr_scale, head_init=head_init, bn=bn,
+                   momentum=momentum, crop_min_scale=crop_list, val_fraction=val_fraction,
+                   batch_size=batch_size, precision=precision, seed=seed, device=device, force=force,
+                   quiet=quiet, save_weights=save_weights,
                    config_extra={"spec": spec, "limit_train": limit_train, "limit_test": limit_test,
                                  "image_size": image_size})
     options.finish(art.path)
