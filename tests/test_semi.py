@@ -1,9 +1,11 @@
 """`eval semi` keeps what pretraining learned: a short synthetic pretrain fine-tuned on a few labels
 beats the same recipe from random init, and the frozen probe it reports is fitted on the labels only.
 
-The pretrain (module fixture) is a short version of tests/test_learning.py's run: 1,500 synthetic
-images at 16 px, 96 steps of batch 64 with the recipe measured there. Fine-tuning then uses 80 labels
-(5% of every class) and scores 500 test images.
+The pretrain (module fixture) is tests/test_learning.py's run: 3,000 synthetic images at 16 px, 368
+steps of batch 64 with the recipe measured there. Fine-tuning, with semi's defaults, then uses 150
+labels (5% of every class) and scores 500 test images. Measured (2-core CPU, busy): fine-tuned from
+the pretrain 44.0% / 43.2% top-1 against 16.0% / 29.0% from random init for seeds 0 / 1 (+28 and
++14 points; frozen probes on the same labels 38.0% / 34.4%); the test asks for +8 on each seed.
 """
 
 import numpy as np
@@ -18,7 +20,7 @@ from relicv2_cli.knn import encode_images
 from relicv2_cli.stages import semi
 from relicv2_cli.stages.pretrain import PretrainConfig, run_pretrain
 
-DATA = dict(limit_train=1500, limit_test=500, image_size=16)
+DATA = dict(limit_train=3000, limit_test=500, image_size=16)
 RECIPE = dict(jitter="torchvision", bn_stats="joint", head_bias=True, zero_init_residual=False)
 
 
@@ -28,7 +30,7 @@ def pretrained(tmp_path_factory):
     try:
         cfg = PretrainConfig(spec="synthetic", **DATA, large_size=16, small_crops=0, width=0.25,
                              warmup_epochs=0.5, eval_every=0, proj_hidden=1024, proj_dim=128, batch_size=64,
-                             epochs=4, ema_base=0.96, **RECIPE)
+                             epochs=8, ema_base=0.96, **RECIPE)
         return run_pretrain(cfg, workdir=tmp_path_factory.mktemp("pre"), name="short", quiet=True)
     finally:
         torch.set_num_threads(1)
@@ -45,8 +47,8 @@ def test_finetune_from_pretrained_beats_random_init(pretrained, tmp_path, seed):
     dataset = load_dataset("synthetic", **DATA, seed=seed)
     trained = _semi(pretrained.path, dataset, tmp_path, seed)
     scratch = _semi("random:resnet18", dataset, tmp_path, seed)
-    assert trained["subset_sha256"] == scratch["subset_sha256"] and trained["subset_size"] == 80
-    assert trained["top1"] >= scratch["top1"] + 0.10, (seed, trained["top1"], scratch["top1"])
+    assert trained["subset_sha256"] == scratch["subset_sha256"] and trained["subset_size"] == 150
+    assert trained["top1"] >= scratch["top1"] + 0.08, (seed, trained["top1"], scratch["top1"])
 
 
 def test_frozen_probe_is_fitted_on_the_labelled_images_only(pretrained, tmp_path, monkeypatch):
