@@ -1,8 +1,9 @@
 """`eval semi` keeps what pretraining learned: a short synthetic pretrain fine-tuned on a few labels
 beats the same recipe from random init, and the frozen probe it reports is fitted on the labels only.
 
-The pretrain (module fixture) is tests/test_learning.py's run: 3,000 synthetic images at 16 px, 368
-steps of batch 64 with the recipe measured there. Fine-tuning, with semi's defaults, then uses 150
+The pretrain (module fixture) is tests/test_learning.py's run (3,000 synthetic images at 16 px, 368
+steps of batch 64) with the recipe that file used before the BYOL-faithful defaults (RECIPE), the one
+measured here. Fine-tuning, with semi's defaults, then uses 150
 labels (5% of every class) and scores 500 test images. Measured (2-core CPU, busy): fine-tuned from
 the pretrain 44.0% / 43.2% top-1 against 16.0% / 29.0% from random init for seeds 0 / 1 (+28 and
 +14 points; frozen probes on the same labels 38.0% / 34.4%); the test asks for +8 on each seed.
