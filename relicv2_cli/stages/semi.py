@@ -6,12 +6,16 @@ The subset is `--fraction F` of every class of the training split, drawn with `-
 indices used are saved in the artifact (`subset.txt`, readable by `--subset`), so every encoder is
 compared on exactly the same images; with the same fraction and seed the draw is identical anyway.
 
-Fine-tuning [byol, SimCLR]: encoder (BN in train mode) + a new zero-initialised linear head,
-cross-entropy, SGD with Nesterov momentum 0.9, no weight decay, cosine schedule from the start
-(no warm-up), random-resized-crop + flip views (augment.py's crop sampler and roi_align resize),
-bf16 autocast. Learning rate: `--lr` * batch / 256 for the backbone and `--head-lr-scale` times
-that for the head (1 by default: one learning rate, as BYOL). Batch: `--batch-size`, or the subset
-size when smaller; every epoch is one permutation cut into ceil(n / batch) near-equal batches.
+First the frozen-feature probe of eval linear (probe.py: L-BFGS, L2 chosen on 20% of the labelled
+images held out, refit on all of them) is fitted on the labelled images only and scored on the test
+split: `frozen_linear_top1`, the number fine-tuning has to beat. Fine-tuning [byol, SimCLR, and
+LP-FT]: encoder + a linear head started from that probe (`--head-init probe`; `zero` is the old
+recipe), BN in train mode (`--bn frozen` keeps the running statistics), cross-entropy, SGD with
+Nesterov momentum 0.9, no weight decay, cosine schedule without warm-up, random-resized-crop + flip
+views, bf16 autocast. Learning rate: `--lr` * batch / 256 for the backbone and `--head-lr-scale`
+times that for the head. `--epochs`, `--lr` and `--crop-min-scale` take comma lists: every
+combination is fine-tuned on part of the labelled images and scored on the rest (`--val-fraction`),
+and the best is fine-tuned on all of them; the test split is never used to choose.
 Reported: top-1/top-5 on the full test split, centre view, BN in eval mode.
 `random:ARCH` on the same subset is the supervised-from-scratch baseline.
 """
