@@ -55,7 +55,7 @@ EVAL_STAGES = {
                "artifact."),
     "semi": ("relicv2_cli.stages.semi", "command",
              "Fine-tune the whole network on a class-balanced label subset; top-1/top-5 on the full test "
-             "split."),
+             "split, beside the frozen-feature linear probe fitted on the same labelled images."),
     "transfer": ("relicv2_cli.stages.transfer", "command",
                  "Transfer: per target dataset, L2 chosen on validation, refit on train+val, test score; "
                  "encoders side by side."),
