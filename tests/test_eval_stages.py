@@ -141,7 +141,8 @@ def test_semi_subset_is_balanced_deterministic_and_reused(tmp_path, cli):
     assert m["subset_size"] == len(indices) and m["steps"] == 2 and m["batch"] == 8
     assert 0 <= m["top1"] <= m["top5"] <= 1
     assert m["head_lr"] == m["backbone_lr"] == pytest.approx(0.1 * 8 / 256)  # lr * batch / 256, one lr
-    assert "test top-1" in result.err
+    assert "fine-tuned top-1" in result.err and "frozen linear top-1 (same labels)" in result.err
+    assert 0 <= m["frozen_linear_top1"] <= m["frozen_linear_top5"] <= 1
 
     # The random-init baseline on the same images: via the artifact (or its subset.txt), or the same seed.
     base = cli("eval", "semi", "random:resnet18", "synthetic", *SMALL, "--workdir", tmp_path, "--subset",
