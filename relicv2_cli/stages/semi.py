@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from relicv2_cli import options
 from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging, load_artifact
-from relicv2_cli.data import Dataset, load_dataset
+from relicv2_cli.data import Dataset, load_dataset, require_labels
 from relicv2_cli.data.subsets import (
     balanced_subset,
     load_subset_file,
@@ -174,6 +174,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODER-DATASET-{F*100}pct-s{SEED}, or -subset-{sha(:8)}).")] = None,
@@ -187,7 +188,8 @@ def command(
     options.check_choice("--precision", precision, options.PRECISIONS)
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                           seed=seed)
+                           skip_bad=skip_bad, seed=seed)
+    require_labels(dataset, "eval semi")
     art = run_semi(enc, dataset, workdir=workdir, name=name, fraction=fraction, subset=subset, epochs=epochs,
                    max_steps=max_steps, lr=lr, head_lr_scale=head_lr_scale, momentum=momentum,
                    crop_min_scale=crop_min_scale, batch_size=batch_size, precision=precision, seed=seed,
