@@ -426,8 +426,8 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test,
                       unlabelled: bool = False) -> Dataset:
     """Split folders `train/` with `val/` and/or `test/` when present (without `test/`, `val/` is the
     test split), else every 5th image of each class is the test split. Each split holds one
-    sub-folder per class, or images directly (then every image below it, unlabelled); `unlabelled`
-    (the `images:` kind) reads every image below each split as unlabelled, whatever its folders."""
+    sub-folder per class, or only images (a flat unlabelled folder); `unlabelled` (the `images:`
+    kind) reads every image below each split as unlabelled, whatever its sub-folders."""
     if not path.is_dir():
         raise RelicError(f"{spec}: {path} is not a directory")
     present = [name for name in SPLIT_FOLDERS if (path / name).is_dir()]
