@@ -143,7 +143,7 @@ def _load_split(art: artifacts.Artifact, name: str, info: dict, class_names: lis
     read = _Reader(_Shards(art.path, name, info["shards"]), positions)
     kept = [names[p] for p in positions]
     return Split(labels=labels[positions], sizes=sizes[positions], _read=read, _fingerprint=fingerprint,
-                 _decode=lambda: decode_images([f"{art.path}:{name}/{n}" for n in kept], read, image_size,
+                 _decode=lambda: decode_images([f"{n} (in {art.path})" for n in kept], read, image_size,
                                                skip_bad=False))
 
 
