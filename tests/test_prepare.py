@@ -49,7 +49,8 @@ def capped(h: int, w: int, side: int) -> tuple[int, int]:
 def test_prepare_then_load_gives_labels_names_sizes_and_pixels(tmp_path):
     write_folder(tmp_path / "photos")
     source = load_dataset(f"imagefolder:{tmp_path / 'photos'}")
-    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", max_side=24, quiet=True)
+    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", max_side=24,
+              workers=1, quiet=True)
     assert art.path == tmp_path / "runs" / "dataset" / "imagefolder-photos-24" and art.kind == "dataset"
     dataset = load_dataset(f"prepared:{art.path}")
     assert dataset.class_names == ["cat", "dog"] and dataset.labelled and dataset.val is None
@@ -70,7 +71,8 @@ def test_prepare_then_load_gives_labels_names_sizes_and_pixels(tmp_path):
 
 def test_max_side_zero_keeps_sizes_and_limits_are_balanced(tmp_path):
     write_folder(tmp_path / "photos")
-    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", max_side=0, quiet=True)
+    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", max_side=0,
+              workers=1, quiet=True)
     dataset = load_dataset(f"prepared:{art.path}", limit_train=5, seed=3)
     assert sorted(np.bincount(dataset.train.labels).tolist()) == [2, 3]
     full = load_dataset(f"prepared:{art.path}")
@@ -90,7 +92,8 @@ def read_plain(path: Path) -> dict:
 
 def test_shards_of_about_shard_size_readable_by_plain_h5py(tmp_path):
     write_folder(tmp_path / "photos")
-    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", shard_size="3000", quiet=True)
+    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", shard_size="3000",
+              workers=1, quiet=True)
     index = json.loads((art.path / "dataset.json").read_text())
     shards = index["splits"]["train"]["shards"]
     assert len(shards) > 2 and sum(s["count"] for s in shards) == 16
@@ -120,21 +123,23 @@ def test_shards_of_about_shard_size_readable_by_plain_h5py(tmp_path):
 
 def test_same_fingerprint_with_workers_and_unlabelled_folders(tmp_path):
     write_folder(tmp_path / "photos")
-    one = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", name="one", quiet=True)
+    one = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", name="one",
+              workers=1, quiet=True)
     two = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", name="two", workers=2,
               shard_size="1KiB", quiet=True)
     assert load_dataset(f"prepared:{one.path}").train.fingerprint != ""
     # Shard boundaries differ, so shard digests differ; the images do not.
     a, b = load_dataset(f"prepared:{one.path}"), load_dataset(f"prepared:{two.path}")
     assert all(a.train.encoded(i) == b.train.encoded(i) for i in range(len(a.train)))
-    art = run(f"images:{tmp_path / 'photos' / 'train'}", workdir=tmp_path / "runs", quiet=True)
+    art = run(f"images:{tmp_path / 'photos' / 'train'}", workdir=tmp_path / "runs", workers=1, quiet=True)
     dataset = load_dataset(f"prepared:{art.path}")
     assert not dataset.labelled and (len(dataset.train), len(dataset.test)) == (13, 3)
 
 
 def test_a_corrupt_shard_is_named_and_nothing_changes(tmp_path, cli):
     write_folder(tmp_path / "photos")
-    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", shard_size="3000", quiet=True)
+    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", shard_size="3000",
+              workers=1, quiet=True)
     shard = art.path / "train-00001.h5"
     data = bytearray(shard.read_bytes())
     image = read_plain(shard)["images"][1]
@@ -178,7 +183,7 @@ def test_truncated_jpeg_is_named_or_skipped(tmp_path, cli):
 def test_resume_keeps_finished_shards(tmp_path, monkeypatch):
     write_folder(tmp_path / "photos")
     spec, runs = f"imagefolder:{tmp_path / 'photos'}", tmp_path / "runs"
-    whole = run(spec, workdir=runs, name="whole", shard_size="3000", quiet=True)
+    whole = run(spec, workdir=runs, name="whole", shard_size="3000", workers=1, quiet=True)
     real, calls = prepared._write_shard, []
 
     def crash_on_third(path, *args):
@@ -189,16 +194,16 @@ def test_resume_keeps_finished_shards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepared, "_write_shard", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        run(spec, workdir=runs, name="cut", shard_size="3000", quiet=True)
+        run(spec, workdir=runs, name="cut", shard_size="3000", workers=1, quiet=True)
     staging = runs / "dataset" / ".cut.partial"
     kept = {p.name: p.stat().st_mtime_ns for p in staging.glob("*.h5")}
     assert sorted(kept) == ["train-00000.h5", "train-00001.h5"]
     with pytest.raises(RelicError, match="an interrupted run left .*--resume"):
-        run(spec, workdir=runs, name="cut", shard_size="3000", quiet=True)
+        run(spec, workdir=runs, name="cut", shard_size="3000", workers=1, quiet=True)
     with pytest.raises(RelicError, match=r"cannot resume .* \(quality\)"):
-        run(spec, workdir=runs, name="cut", shard_size="3000", quality=80, resume=True, quiet=True)
+        run(spec, workdir=runs, name="cut", shard_size="3000", quality=80, resume=True, workers=1, quiet=True)
     monkeypatch.setattr(prepared, "_write_shard", real)
-    art = run(spec, workdir=runs, name="cut", shard_size="3000", resume=True, quiet=True)
+    art = run(spec, workdir=runs, name="cut", shard_size="3000", resume=True, workers=1, quiet=True)
     assert {name: (art.path / name).stat().st_mtime_ns for name in kept} == kept  # not rewritten
     a, b = load_dataset(f"prepared:{whole.path}"), load_dataset(f"prepared:{art.path}")
     assert (a.train.fingerprint, a.test.fingerprint) == (b.train.fingerprint, b.test.fingerprint)

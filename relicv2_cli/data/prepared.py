@@ -41,8 +41,8 @@ class _Shards:
     """Image j of one split, read from its shard by index. h5py handles do not survive a fork, so
     they are opened per process (DataLoader workers may share one reader)."""
 
-    def __init__(self, root: Path, split: str, shards: list[dict]):
-        self.root, self.split = root, split
+    def __init__(self, root: Path, shards: list[dict]):
+        self.root = root
         self.files = [s["file"] for s in shards]
         self.ends = np.cumsum([s["count"] for s in shards])
         self._open: dict = {}  # shard number -> (pid, h5py.File, crc32 array)
@@ -140,7 +140,7 @@ def _load_split(art: artifacts.Artifact, name: str, info: dict, class_names: lis
     if limit is not None:
         positions = limited(labels, limit, seed)
         fingerprint = hashlib.sha256(f"{fingerprint} {positions.tolist()}".encode()).hexdigest()
-    read = _Reader(_Shards(art.path, name, info["shards"]), positions)
+    read = _Reader(_Shards(art.path, info["shards"]), positions)
     kept = [names[p] for p in positions]
     return Split(labels=labels[positions], sizes=sizes[positions], _read=read, _fingerprint=fingerprint,
                  _decode=lambda: decode_images([f"{n} (in {art.path})" for n in kept], read, image_size,
@@ -257,6 +257,9 @@ def prepare(dataset: Dataset, root: str, staging: Path, opts: PrepareOptions, re
              "splits": {s: {"count": 0, "shards": [], "skipped": []} for s in splits}}
     if resume and (staging / INDEX).exists():
         index = _resumed_index(staging, request)
+    else:  # a run killed before its first shard may have left a partly written one
+        for path in staging.iterdir():
+            path.unlink()
     total = sum(len(split) for split in splits.values())
     done = sum(sh["source_end"] for info in index["splits"].values() for sh in info["shards"][-1:])
     bar = progress.add_task("prepare", total=total, completed=done, info=f"{opts.workers} worker(s)",

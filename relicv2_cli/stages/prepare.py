@@ -6,6 +6,7 @@ artifact's staging, commit and resume. Imports stay light: cli.py imports this m
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import time
@@ -29,6 +30,13 @@ def parse_size(text: str) -> int:
     return max(1, int(float(found.group(1)) * _UNITS[found.group(2).lower()]))
 
 
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 def _raise_interrupt(signum, frame):
     """SIGTERM stops the run like Ctrl-C: finished shards stay for --resume."""
     raise KeyboardInterrupt
@@ -42,7 +50,7 @@ def run(
     max_side: int = 256,
     quality: int = 95,
     shard_size: str = "1GiB",
-    workers: int = 1,
+    workers: int | None = None,
     skip_bad: bool = False,
     limit_train: int | None = None,
     limit_test: int | None = None,
@@ -58,6 +66,7 @@ def run(
     if max_side < 0:
         raise RelicError(f"--max-side must be 0 (keep the size) or positive, got {max_side}")
     options.check_range("--quality", quality, 1, 100)
+    workers = workers if workers is not None else _cpu_count()
     if workers < 1:
         raise RelicError(f"--workers must be at least 1, got {workers}")
     opts = PrepareOptions(max_side=max_side, quality=quality, shard_size=parse_size(shard_size),
@@ -103,7 +112,8 @@ def command(
     quality: Annotated[int, typer.Option(help="JPEG quality of the re-encoded images, 1-100.")] = 95,
     shard_size: Annotated[str, typer.Option(help="About this many bytes of images per HDF5 shard "
                                                  "(e.g. 1GiB, 256MiB).")] = "1GiB",
-    workers: Annotated[int, typer.Option(help="Processes that decode, resize and encode.")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes that decode, resize and encode (default: all cores).")] = None,
     skip_bad: options.SkipBad = False,
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
