@@ -45,7 +45,7 @@ class _Shards:
         self.root = root
         self.files = [s["file"] for s in shards]
         self.ends = np.cumsum([s["count"] for s in shards])
-        self._open: dict = {}  # shard number -> (pid, h5py.File, crc32 array)
+        self._open: dict = {}  # shard number -> (pid, h5py.File, its images, crc32 array)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}
@@ -58,7 +58,7 @@ class _Shards:
             path = self.root / self.files[k]
             try:
                 f = h5py.File(path, "r")
-                held = (os.getpid(), f, f["crc32"][:])
+                held = (os.getpid(), f, f["images"], f["crc32"][:])
             except (OSError, KeyError) as e:
                 raise _corrupt(path, e) from None
             self._open[k] = held
@@ -67,10 +67,10 @@ class _Shards:
     def read(self, j: int) -> bytes:
         k = int(np.searchsorted(self.ends, j, side="right"))
         offset = j - (int(self.ends[k - 1]) if k else 0)
-        _, f, crc = self.shard(k)
+        _, _, images, crc = self.shard(k)
         path = self.root / self.files[k]
         try:
-            data = f["images"][offset].tobytes()
+            data = images[offset].tobytes()
         except (OSError, KeyError) as e:
             raise _corrupt(path, e) from None
         if zlib.crc32(data) != int(crc[offset]):
