@@ -219,3 +219,18 @@ def test_bad_options_are_one_line_errors(tmp_path, cli):
         result = cli("data", "prepare", "synthetic", "--workdir", tmp_path, *args)
         assert result.code == 2 and message in result.err, result.err
     assert not (tmp_path / "dataset").exists()
+
+
+def test_stages_read_a_prepared_set(tmp_path, cli):
+    write_folder(tmp_path / "photos")
+    art = run(f"imagefolder:{tmp_path / 'photos'}", workdir=tmp_path / "runs", max_side=24, workers=1,
+              quiet=True)
+    result = cli("eval", "linear", "random:resnet18", f"prepared:{art.path}", "--image-size", "16", "--width",
+                 "0.25", "--device", "cpu", "--workdir", tmp_path / "runs", "--l2-grid", "1e-2", "--quiet")
+    assert result.code == 0, result.err
+    manifest = json.loads((Path(result.last_line) / "manifest.json").read_text())
+    prepared_set = load_dataset(f"prepared:{art.path}")
+    assert manifest["dataset"]["test_count"] == 8 and len(manifest["metrics"]["per_class"]) == 2
+    assert manifest["dataset"]["split_fingerprints"]["test"] == prepared_set.test.fingerprint
+    info = cli("data", "info", f"prepared:{art.path}")
+    assert info.code == 0 and "height 20-50, width 21-50" in info.out and "2: cat, dog" in info.out
