@@ -12,7 +12,7 @@ import torch
 
 from relicv2_cli import options
 from relicv2_cli.artifacts import Artifact, artifact_path
-from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset
+from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset, require_labels
 from relicv2_cli.encoders import Encoder, load_encoder, slugify
 from relicv2_cli.errors import RelicError
 from relicv2_cli.features import FeatureSet, split_features
@@ -79,13 +79,14 @@ class Prepared:
 def prepare_inputs(
     items: list[str], *, kind: str, name: str | None, workdir: Path, force: bool, arch: str, width: float,
     stem: str, seed: int, limit_train: int | None, limit_test: int | None, image_size: int | None,
-    device: str, name_suffix: str = "",
+    device: str, name_suffix: str = "", skip_bad: bool = False,
 ) -> Prepared:
     """Every check that needs no features: encoders, dataset, device, and a free output name."""
     encoder_specs, spec = parse_items(items)
     encoders = load_encoders(encoder_specs, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                           seed=seed)
+                           skip_bad=skip_bad, seed=seed)
+    require_labels(dataset, f"analyze {kind}")
     name = name or default_name(encoders, spec, name_suffix)
     check_fresh(Path(workdir), kind, name, force)
     return Prepared(encoders, dataset, spec, name, options.resolve_device(device))

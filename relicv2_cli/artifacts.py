@@ -30,7 +30,7 @@ from relicv2_cli.errors import RelicError
 
 FORMAT = "relicv2-artifact"
 SCHEMA = 1
-KINDS = ("saliency", "pretrain", "features", "linear", "semi", "transfer", "neighbors", "ratios")
+KINDS = ("dataset", "saliency", "pretrain", "features", "linear", "semi", "transfer", "neighbors", "ratios")
 MANIFEST = "manifest.json"
 # Files of a resumable run (pretrain) in its staging directory.
 CHECKPOINT = "checkpoint.pt"

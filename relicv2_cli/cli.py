@@ -26,6 +26,7 @@ from relicv2_cli.options import (
     SkipBad,
     Spec,
 )
+from relicv2_cli.stages import prepare
 
 # The stage commands: (module, function, the one-line help --help lists). Their modules import torch
 # (seconds), so a stage is imported only when it runs or shows its own --help (helpformat.LazyGroup);
@@ -76,7 +77,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and prepare datasets.", no_args_is_help=True)
 artifacts_app = typer.Typer(help="List, show, verify and trace artifacts.", no_args_is_help=True)
 eval_app = typer.Typer(cls=lazy_group(EVAL_STAGES), no_args_is_help=True,
                        help="Evaluate encoders: linear probe, semi-supervised fine-tuning, transfer.")
@@ -123,16 +124,31 @@ def data_info(
     for name in ("train", "val", "test"):
         split = dataset.val if name == "val" else dataset.split(name)
         if split is not None:
-            images = split.images  # decodes first: --skip-bad drops labels of unreadable files
-            counts = ", ".join(str(int((split.labels == c).sum())) for c in range(dataset.num_classes))
-            table.add_row(f"{name} images", f"{len(images):,}  (per class: {counts})")
+            # A prepared set knows its sizes without decoding; files decode first, so that --skip-bad
+            # drops the labels of unreadable ones.
+            count = len(split) if split.sizes is not None and image_size is None else len(split.images)
+            per_class = ", ".join(str(int((split.labels == c).sum())) for c in range(dataset.num_classes))
+            table.add_row(f"{name} images", f"{count:,}" + (f"  (per class: {per_class})" if dataset.labelled
+                                                             else "  (unlabelled)"))
             if split.skipped:
                 table.add_row(f"{name} skipped", f"{len(split.skipped)} unreadable or truncated, first {split.skipped[0]}")
-    table.add_row("image shape", "x".join(map(str, dataset.train.images.shape[1:])) + " uint8")
-    table.add_row("classes", f"{dataset.num_classes}: {', '.join(dataset.class_names)}")
+    sizes = dataset.train.sizes
+    if sizes is not None and image_size is None:
+        (h0, w0), (h1, w1) = sizes.min(0), sizes.max(0)
+        shape = f"{h0}x{w0}x3 uint8" if (h0, w0) == (h1, w1) else \
+            f"height {h0}-{h1}, width {w0}-{w1} (JPEG; pass --image-size to use them at one size)"
+    else:
+        shape = "x".join(map(str, dataset.train.images.shape[1:])) + " uint8"
+    table.add_row("image shape", shape)
+    classes = f"{dataset.num_classes}: {', '.join(dataset.class_names)}" if dataset.labelled else \
+        "none: a folder of unlabelled images (label 0 for all)"
+    table.add_row("classes", classes)
     table.add_row("ground-truth masks", "yes" if dataset.train.masks is not None else "no")
     table.add_row("fingerprint", dataset.fingerprint)
     typer.echo(_table_text(table))
+
+
+data_app.command("prepare")(prepare.command)
 
 
 def _table_text(table: Table) -> str:

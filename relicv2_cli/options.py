@@ -29,7 +29,8 @@ from relicv2_cli.errors import RelicError
 console = Console(stderr=True)  # progress and tables on stderr; stdout's last line is the artifact path
 
 Spec = Annotated[str, typer.Argument(
-    help="Dataset: synthetic, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, imagefolder:DIR or npz:FILE.")]
+    help="Dataset: synthetic, cifar10:DIR, cifar100:DIR, fashion-mnist:DIR, imagefolder:DIR, images:DIR "
+         "(unlabelled), npz:FILE or prepared:DIR (relicv2 data prepare).")]
 Workdir = Annotated[Path, typer.Option(envvar="RELICV2_HOME",
                                        help="Root folder of artifacts (env RELICV2_HOME).")]
 Name = Annotated[str | None, typer.Option(help="Artifact name; default derived from the inputs.")]
@@ -39,10 +40,13 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing artifa
 ForceOut = Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")]
 Quiet = Annotated[bool, typer.Option("--quiet",
                                      help="No progress bars or tables; print only the artifact path.")]
-LimitTrain = Annotated[int | None, typer.Option(help="Use only the first N training images.")]
-LimitTest = Annotated[int | None, typer.Option(help="Use only the first N test images.")]
+LimitTrain = Annotated[int | None, typer.Option(
+    help="Use only N training images (folders, prepared sets: a class-balanced subset drawn by --seed).")]
+LimitTest = Annotated[int | None, typer.Option(
+    help="Use only N test images (folders, prepared sets: a class-balanced subset drawn by --seed).")]
 ImageSize = Annotated[int | None, typer.Option(help="Resize images to S x S (synthetic: generate at S).")]
-SkipBad = Annotated[bool, typer.Option("--skip-bad", help="imagefolder: skip unreadable images (counted).")]
+SkipBad = Annotated[bool, typer.Option("--skip-bad",
+                                       help="Image folders: skip unreadable or truncated images (counted).")]
 # The network: pretrain builds it; eval/analyze use it for random:/torchvision: encoders only.
 Arch = Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152|resnet200.")]
 Width = Annotated[float, typer.Option(help="Width multiplier of every stage: 0.25, 0.5, 1, 2 or 4.")]

@@ -1,9 +1,11 @@
 """Datasets: one loader interface for every SPEC kind.
 
 A SPEC names a dataset: `synthetic`, `cifar10:DIR`, `cifar100:DIR`, `fashion-mnist:DIR`,
-`imagefolder:DIR`, `npz:FILE`. Every loader returns a `Dataset` with train and test splits of
-uint8 RGB images (N, H, W, 3), int64 labels, class names and a fingerprint that changes when the
-content (or the limits applied to it) changes.
+`imagefolder:DIR`, `images:DIR` (unlabelled), `npz:FILE`, `prepared:DIR` (a `dataset` artifact of
+`relicv2 data prepare`). Every loader returns a `Dataset` with train and test splits of uint8 RGB
+images (N, H, W, 3), int64 labels, class names and a fingerprint that changes when the content (or
+the limits applied to it) changes. Splits of files (imagefolder, prepared) decode on first use and
+give each image's encoded bytes without decoding (`Split.encoded`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import numpy as np
 
 from relicv2_cli.errors import RelicError
 
-SPEC_KINDS = ("synthetic", "cifar10", "cifar100", "fashion-mnist", "imagefolder", "npz")
+SPEC_KINDS = ("synthetic", "cifar10", "cifar100", "fashion-mnist", "imagefolder", "images", "npz", "prepared")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass
 class Split:
-    """One split. Images may be decoded lazily (imagefolder): they load on first access."""
+    """One split. Images may be decoded lazily (imagefolder, prepared): they load on first access."""
 
     labels: np.ndarray
     _images: np.ndarray | None = None
@@ -36,6 +38,8 @@ class Split:
     files: list[str] | None = None  # source file per image (imagefolder), for mask import by name
     skipped: list[str] = field(default_factory=list)
     _fingerprint: str | None = None
+    sizes: np.ndarray | None = None  # (N, 2) height, width of each stored image (prepared), no decoding
+    _read: Callable[[int], bytes] | None = None  # encoded bytes of image i (prepared)
 
     @property
     def images(self) -> np.ndarray:
@@ -54,13 +58,16 @@ class Split:
         return len(self.labels)  # before a lazy decode: the listed count; --skip-bad may lower it
 
     def encoded(self, i: int) -> bytes:
-        """The encoded (JPEG, PNG, ...) bytes of image i, for streamed decoding."""
-        if self.files is None:
-            raise RelicError("this dataset has no encoded images (it is decoded in memory)")
-        try:
-            return Path(self.files[i]).read_bytes()
-        except OSError as e:
-            raise RelicError(f"unreadable image {self.files[i]}: {e.strerror}") from None
+        """The stored (encoded) bytes of image i, without decoding: a prepared set's JPEG, or an
+        image file's content."""
+        if self._read is not None:
+            return self._read(i)
+        if self.files is not None:
+            try:
+                return Path(self.files[i]).read_bytes()
+            except OSError as e:
+                raise RelicError(f"cannot read image {self.files[i]}: {e.strerror}") from None
+        raise RelicError("this split holds decoded images only (no encoded bytes)")
 
     @property
     def fingerprint(self) -> str:
@@ -82,6 +89,7 @@ class Dataset:
     class_names: list[str]
     val: Split | None = None  # only when the source has its own validation split
     options: dict = field(default_factory=dict)  # limits and resize applied, for the manifest
+    labelled: bool = True  # False: a folder of unlabelled images, every label 0 ("unlabelled")
 
     @property
     def num_classes(self) -> int:
@@ -127,7 +135,8 @@ def load_dataset(
     skip_bad: bool = False,
     seed: int = 0,
 ) -> Dataset:
-    """Parse SPEC and load it. `seed` only matters for `synthetic` (its generator seed)."""
+    """Parse SPEC and load it. `seed` is the synthetic dataset's generator seed, and draws the
+    class-balanced --limit-train/--limit-test subsets of imagefolder and prepared sets."""
     kind, _, arg = spec.partition(":")
     if kind not in SPEC_KINDS:
         raise RelicError(f"unknown dataset spec {spec!r}; valid kinds: {', '.join(SPEC_KINDS)} (e.g. cifar10:DIR)")
@@ -149,10 +158,15 @@ def load_dataset(
         dataset = _load_fashion_mnist(spec, path)
     elif kind == "npz":
         dataset = _load_npz(spec, path)
-    else:
-        dataset = _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
+    elif kind == "prepared":
+        from relicv2_cli.data.prepared import load_prepared
 
-    if kind not in ("synthetic", "imagefolder"):
+        dataset = load_prepared(spec, path, image_size, limit_train, limit_test, seed)
+    else:
+        dataset = _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test, seed,
+                                    unlabelled=kind == "images")
+
+    if kind not in ("synthetic", "imagefolder", "images", "prepared"):
         for name, limit in (("train", limit_train), ("test", limit_test)):
             if limit is not None:
                 setattr(dataset, name, _limit(dataset.split(name), limit))
@@ -161,8 +175,8 @@ def load_dataset(
                 if split is not None:
                     split._images = resize_images(split.images, image_size)
     dataset.options = {"limit_train": limit_train, "limit_test": limit_test, "image_size": image_size}
-    if kind == "synthetic":
-        dataset.options["seed"] = seed
+    if kind == "synthetic" or (kind in ("imagefolder", "images", "prepared") and (limit_train or limit_test)):
+        dataset.options["seed"] = seed  # it draws the limited subsets
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise RelicError(f"{spec}: a split is empty (train {len(dataset.train)}, test {len(dataset.test)})")
     return dataset
@@ -405,33 +419,37 @@ def _load_npz(spec: str, path: Path) -> Dataset:
     return Dataset(spec=spec, train=train, test=test, class_names=names)
 
 
-def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test) -> Dataset:
-    """Class sub-folders; `train/`, `val/`, `test/` splits when present, else a fixed 80/20 split."""
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test, seed,
+                      unlabelled: bool = False) -> Dataset:
+    """Split folders `train/` with `val/` and/or `test/` when present (without `test/`, `val/` is the
+    test split), else every 5th image of each class is the test split. Each split holds one
+    sub-folder per class, or only images (a flat unlabelled folder); `unlabelled` (the `images:`
+    kind) reads every image below each split as unlabelled, whatever its sub-folders."""
     if not path.is_dir():
         raise RelicError(f"{spec}: {path} is not a directory")
-    has_splits = (path / "train").is_dir() and (path / "test").is_dir()
-    roots = {"train": path / "train", "test": path / "test"} if has_splits else {"all": path}
-    if has_splits and (path / "val").is_dir():
-        roots["val"] = path / "val"
-    class_names = sorted(d.name for d in next(iter(roots.values())).iterdir() if d.is_dir())
-    if not class_names:
-        raise RelicError(f"{spec}: no class sub-folders in {next(iter(roots.values()))}")
+    present = [name for name in SPLIT_FOLDERS if (path / name).is_dir()]
+    if present and "train" not in present:
+        raise RelicError(f"{spec}: {path} has {'/, '.join(present)}/ but no train/ split folder")
+    if present == ["train"]:
+        roots = {"all": path / "train"}
+    elif present:
+        roots = {"train": path / "train", "test": path / ("test" if "test" in present else "val")}
+        if "test" in present and "val" in present:
+            roots["val"] = path / "val"
+    else:
+        roots = {"all": path}
 
-    def listing(root: Path) -> tuple[list[str], np.ndarray]:
-        files, labels = [], []
-        for label, name in enumerate(class_names):
-            class_dir = root / name
-            if not class_dir.is_dir():
-                continue
-            for f in sorted(class_dir.rglob("*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(str(f))
-                    labels.append(label)
-        return files, np.asarray(labels, np.int64)
-
-    lists = {name: listing(root) for name, root in roots.items()}
-    if not has_splits:
-        # Deterministic hold-out: every 5th image of each class goes to test.
+    first = next(iter(roots.values()))
+    class_names = [] if unlabelled else _class_folders(spec, first)
+    labelled = bool(class_names)
+    if not labelled:
+        class_names = ["unlabelled"]
+    lists = {name: _listing(spec, root, class_names if labelled else None) for name, root in roots.items()}
+    if "all" in lists:
+        # Deterministic hold-out, the same whatever --seed: every 5th image of each class goes to test.
         files, labels = lists.pop("all")
         rank = np.zeros(len(labels), int)
         for c in np.unique(labels):
@@ -443,10 +461,12 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
     for name, limit in (("train", limit_train), ("test", limit_test)):
         if limit is not None:
             files, labels = lists[name]
-            lists[name] = (files[:limit], labels[:limit])
+            keep = limited(labels, limit, seed)
+            lists[name] = ([files[i] for i in keep], labels[keep])
 
     def lazy(files: list[str], labels: np.ndarray) -> Split:
-        return Split(labels=labels, files=files, _decode=lambda: _decode_files(files, image_size, skip_bad))
+        return Split(labels=labels, files=files,
+                     _decode=lambda: decode_images(files, _file_bytes(files), image_size, skip_bad))
 
     return Dataset(
         spec=spec,
@@ -454,6 +474,7 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test)
         test=lazy(*lists["test"]),
         val=lazy(*lists["val"]) if "val" in lists else None,
         class_names=class_names,
+        labelled=labelled,
     )
 
 
@@ -465,34 +486,102 @@ def truncated_jpeg(data: bytes) -> bool:
     return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
 
 
-def _read_image(path: str) -> tuple[str | None, np.ndarray | None]:
-    """(problem, BGR image); `truncated_jpeg` says why a truncated JPEG needs its own test."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return "unreadable", None
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _class_folders(spec: str, root: Path) -> list[str]:
+    """The class sub-folders of a split's root; none when the images lie in the root itself (an
+    unlabelled folder). Images beside class folders are ambiguous, so they are refused."""
+    loose = [f for f in root.iterdir() if _is_image(f)]
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in SPLIT_FOLDERS)
+    if loose and folders:
+        raise RelicError(f"{spec}: {root} holds images ({loose[0].name}) beside class sub-folders "
+                         f"({folders[0]}); move them into a class folder, or read the folder as unlabelled "
+                         f"with images:{root}")
+    if not loose and not folders:
+        raise RelicError(f"{spec}: no images or class sub-folders in {root}")
+    return folders
+
+
+def _listing(spec: str, root: Path, class_names: list[str] | None) -> tuple[list[str], np.ndarray]:
+    """Files (sorted) and labels of one split root: by class folder, or every image below the root
+    with label 0 when `class_names` is None."""
+    if class_names is None:
+        files = sorted(str(f) for f in root.rglob("*") if _is_image(f))
+        labels = np.zeros(len(files), np.int64)
+    else:
+        unknown = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in class_names)
+        if unknown:
+            raise RelicError(f"{spec}: {root / unknown[0]} is not one of the {len(class_names)} class "
+                             "folders of the training split")
+        files, labels_list = [], []
+        for label, name in enumerate(class_names):
+            if (root / name).is_dir():
+                found = sorted(str(f) for f in (root / name).rglob("*") if _is_image(f))
+                files += found
+                labels_list += [label] * len(found)
+        labels = np.asarray(labels_list, np.int64)
+    if not files:
+        raise RelicError(f"{spec}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
+    return files, labels
+
+
+def limited(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a class-balanced subset of `limit` images, drawn by a generator seeded by
+    `seed`: classes take turns (in a seeded order), each giving a random image not yet taken, so
+    class counts differ by at most one until a class runs out."""
+    rng = np.random.default_rng([seed, 13])
+    order = rng.permutation(len(labels))
+    rank = np.empty(len(labels), np.int64)  # the draw in which each image would be taken
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = np.arange(len(members))
+    class_turn = rng.permutation(int(labels.max()) + 1 if len(labels) else 0)
+    taken = np.lexsort((class_turn[labels], rank))[:limit]
+    return np.sort(taken)
+
+
+def _file_bytes(files: list[str]) -> Callable[[int], bytes]:
+    return lambda i: Path(files[i]).read_bytes()
+
+
+def decode_bytes(data: bytes) -> tuple[str | None, np.ndarray | None]:
+    """(problem, RGB image) of an encoded image; `truncated_jpeg` says why a truncated JPEG needs its
+    own test."""
     if truncated_jpeg(data):
         return "truncated", None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    return ("unreadable", None) if image is None else (None, image)
+    return ("unreadable", None) if image is None else (None, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
-def _decode_files(files: list[str], image_size: int | None, skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
+def decode_images(names: list[str], read: Callable[[int], bytes], image_size: int | None,
+                  skip_bad: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image i from `read(i)` for every name into one (N, H, W, 3) array, resized to
+    `image_size` square when given; returns it with the indices kept (--skip-bad drops bad files)."""
     images, keep = [], []
-    for i, f in enumerate(files):
-        problem, image = _read_image(f)
+    for i, name in enumerate(names):
+        try:
+            problem, image = decode_bytes(read(i))
+        except OSError:
+            problem, image = "unreadable", None
         if problem:
             if not skip_bad:
-                raise RelicError(f"{problem} image {f} (use --skip-bad to skip such files)")
+                raise RelicError(f"{problem} image {name} (use --skip-bad to skip such files)")
             continue
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         if image_size is not None:
             image = resize_images(image[None], image_size)[0]
         elif images and image.shape != images[0].shape:
-            raise RelicError(f"{f} is {image.shape[1]}x{image.shape[0]}, others are "
+            raise RelicError(f"{name} is {image.shape[1]}x{image.shape[0]}, others are "
                              f"{images[0].shape[1]}x{images[0].shape[0]}; pass --image-size to resize")
         images.append(image)
         keep.append(i)
     if not images:
         raise RelicError("no readable images")
     return np.stack(images), np.asarray(keep, int)
+
+
+def require_labels(dataset: Dataset, what: str) -> None:
+    """One line when a stage that needs class labels gets a folder of unlabelled images."""
+    if not dataset.labelled:
+        raise RelicError(f"{what} needs class labels; {dataset.spec} is a folder of unlabelled images")

@@ -33,6 +33,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = 0,
@@ -46,7 +47,7 @@ def command(
     options.check_choice("--precision", precision, options.PRECISIONS)
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                           seed=seed)
+                           skip_bad=skip_bad, seed=seed)
     dataset.split(split)
     art = extract_features(enc, dataset, split, device=device, batch_size=batch_size, precision=precision,
                            workdir=workdir, force=force, quiet=quiet, name=name)

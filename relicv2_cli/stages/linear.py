@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from relicv2_cli import options
 from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging
-from relicv2_cli.data import Dataset, load_dataset
+from relicv2_cli.data import Dataset, load_dataset, require_labels
 from relicv2_cli.encoders import Encoder, load_encoder
 from relicv2_cli.errors import RelicError
 from relicv2_cli.features import split_features, view_size
@@ -174,6 +174,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODER-DATASET, -augment for that protocol).")] = None,
@@ -190,7 +191,8 @@ def command(
     parse_l2_grid(l2_grid)
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                           seed=seed)
+                           skip_bad=skip_bad, seed=seed)
+    require_labels(dataset, "eval linear")
     art = run_linear(enc, dataset, workdir=workdir, name=name, protocol=protocol, l2_grid=l2_grid,
                      val_fraction=val_fraction, metric=metric, max_iter=max_iter, epochs=epochs,
                      max_steps=max_steps,

@@ -192,7 +192,7 @@ def run_neighbors(
     arch: str = "resnet18", width: float = 1.0, stem: str = "cifar", batch_size: int = 256,
     precision: str = "bf16", limit_train: int | None = None, limit_test: int | None = None,
     image_size: int | None = None, workdir: Path = options.DEFAULT_WORKDIR, name: str | None = None,
-    seed: int = 0,
+    seed: int = 0, skip_bad: bool = False,
     device: str = "auto", force: bool = False, quiet: bool = False,
 ) -> Artifact:
     """Nearest-neighbor analysis of one or more encoders on one dataset -> a `neighbors` artifact."""
@@ -207,7 +207,7 @@ def run_neighbors(
     prep = prepare_inputs(items, kind="neighbors", name=name, workdir=workdir, force=force, arch=arch,
                           width=width,
                           stem=stem, seed=seed, limit_train=limit_train, limit_test=limit_test,
-                          image_size=image_size, device=device)
+                          image_size=image_size, device=device, skip_bad=skip_bad)
     dataset, names = prep.dataset, prep.dataset.class_names
     class_ids = resolve_classes(names, classes)
     anchors, available, k, notes = _anchors(dataset.test.labels, class_ids, per_class, names, pool, k)
@@ -385,6 +385,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = 0,
@@ -399,6 +400,6 @@ def command(
                         batch_size=batch_size, precision=precision, limit_train=limit_train,
                         limit_test=limit_test,
                         image_size=image_size, workdir=workdir, name=name, seed=seed, device=device,
-                        force=force,
+                        force=force, skip_bad=skip_bad,
                         quiet=quiet)
     options.finish(art.path)

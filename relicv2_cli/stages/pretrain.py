@@ -38,7 +38,7 @@ from torch import nn
 from relicv2_cli import artifacts, configfile, distributed, loggers, options, stream
 from relicv2_cli.augment import JITTERS, ViewConfig, make_views, views_from_crops
 from relicv2_cli.checkpoint import Checkpoint, nonfinite_tensors
-from relicv2_cli.data import Dataset, load_dataset
+from relicv2_cli.data import Dataset, load_dataset, require_labels
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import autocast, encode_images, knn_accuracy
 from relicv2_cli.losses import at_least_fp32, byol_loss, embedding_std, multicrop_loss, relic_loss
@@ -137,6 +137,7 @@ class PretrainConfig:
     image_size: int | None = None
     in_memory: str = "auto"  # auto, yes, no: decode the training split once, or stream it (stream.choose)
     workers: int | None = None  # loader processes of a streamed run; None: stream.default_workers()
+    skip_bad: bool = False
     # filled in by the run
     extra: dict = field(default_factory=dict)
 
@@ -205,7 +206,9 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.spec, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
-                           image_size=cfg.image_size, seed=cfg.seed)
+                           image_size=cfg.image_size, skip_bad=cfg.skip_bad, seed=cfg.seed)
+    if cfg.method == "supervised":
+        require_labels(dataset, "pretrain --method supervised")
     streamed, why = stream.choose(cfg.in_memory, dataset, dev, cfg.image_size)
     if streamed:
         _check_streamed(cfg)
@@ -229,7 +232,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     config = {**asdict(cfg), "image_size": height, "streamed": streamed, "steps_per_epoch": steps_per_epoch,
               "total_steps": total_steps, "warmup_steps": warmup_steps, "base_lr_scaled": base_lr,
               "feature_dim": online.encoder.feature_dim, "num_classes": dataset.num_classes,
-              "class_names": dataset.class_names}
+              "class_names": dataset.class_names, "labelled": dataset.labelled}
     config["extra"] = {**config["extra"], **ddp.record()}  # world size: not compared on --resume
     views = view_config(cfg)
     crops = None
@@ -534,7 +537,8 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
     cfg, step = run.cfg, state.step
     final = step == run.last_step or state.out_of_time
     log_now = _log_step(run, step) or final
-    eval_now = bool(run.eval_every and step % run.eval_every == 0) or final
+    # Without labels there is nothing to score: kNN and probe evaluation are skipped (docs/data.md).
+    eval_now = (bool(run.eval_every and step % run.eval_every == 0) or final) and run.dataset.labelled
     if log_now or eval_now or step % cfg.checkpoint_every == 0 or state.signal:
         _check_finite(state)
     record = {}
@@ -897,6 +901,7 @@ def command(
                                    "available RAM or free GPU memory.")] = D.in_memory,
     workers: Annotated[int | None, _opt("Loader processes of a streamed run (default: the usable CPU cores "
                                         "less one, at most 8; 0: in the training process).")] = D.workers,
+    skip_bad: options.SkipBad = D.skip_bad,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = D.seed,
@@ -967,10 +972,11 @@ def _finish_command(cfg: PretrainConfig, run_options: dict) -> None:
         return
     if not run_options["quiet"]:
         m = art.metrics
+        scores = (f"kNN top-1 {m.get('knn_top1', float('nan')):.3f}, probe top-1 "
+                  f"{m.get('probe_top1', float('nan')):.3f}") if art.config.get("labelled", True) \
+            else "kNN and probe evaluation skipped (unlabelled images)"
         options.console.print(f"{cfg.method}: {m['steps']} steps, loss {m.get('loss', float('nan')):.4f}, "
-                              "kNN top-1 "
-                              f"{m.get('knn_top1', float('nan')):.3f}, probe top-1 "
-                              f"{m.get('probe_top1', float('nan')):.3f}")
+                              f"{scores}")
     options.finish(art.path)
 
 

@@ -171,7 +171,7 @@ def run_ratios(
     width: float = 1.0, stem: str = "cifar", batch_size: int = 256, precision: str = "bf16",
     limit_train: int | None = None, limit_test: int | None = None, image_size: int | None = None,
     workdir: Path = options.DEFAULT_WORKDIR, name: str | None = None, seed: int = 0, device: str = "auto",
-    force: bool = False, quiet: bool = False,
+    force: bool = False, quiet: bool = False, skip_bad: bool = False,
 ) -> Artifact:
     """Linear discriminant ratios of one or more encoders on one dataset's test split -> `ratios` artifact."""
     check_common(batch_size, precision)
@@ -180,7 +180,7 @@ def run_ratios(
     workdir = Path(workdir)
     prep = prepare_inputs(items, kind="ratios", name=name, workdir=workdir, force=force, arch=arch,
                           width=width, stem=stem, seed=seed, limit_train=limit_train, limit_test=limit_test,
-                          image_size=image_size, device=device)
+                          image_size=image_size, device=device, skip_bad=skip_bad)
     dataset, names = prep.dataset, prep.dataset.class_names
     labels = dataset.test.labels
     present = np.unique(labels)
@@ -295,6 +295,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = 0,
@@ -309,5 +310,5 @@ def command(
                      batch_size=batch_size, precision=precision, limit_train=limit_train,
                      limit_test=limit_test,
                      image_size=image_size, workdir=workdir, name=name, seed=seed, device=device, force=force,
-                     quiet=quiet)
+                     quiet=quiet, skip_bad=skip_bad)
     options.finish(art.path)

@@ -289,7 +289,7 @@ def run(
     imported = None
     if from_dir is not None:
         kind, _, arg = spec.partition(":")
-        data_root = Path(arg).expanduser() if kind == "imagefolder" else None
+        data_root = Path(arg).expanduser() if kind in ("imagefolder", "images") else None
         imported = _import_masks(Path(from_dir), dataset, splits, data_root)
 
     first = dataset.split(splits[0]).images

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from relicv2_cli import options
 from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging, load_artifact
-from relicv2_cli.data import Dataset, load_dataset
+from relicv2_cli.data import Dataset, load_dataset, require_labels
 from relicv2_cli.data.subsets import (
     balanced_subset,
     load_subset_file,
@@ -290,6 +290,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODER-DATASET-{F*100}pct-s{SEED}, or -subset-{sha(:8)}).")] = None,
@@ -307,7 +308,8 @@ def command(
                    bn, val_fraction)
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                           seed=seed)
+                           skip_bad=skip_bad, seed=seed)
+    require_labels(dataset, "eval semi")
     art = run_semi(enc, dataset, workdir=workdir, name=name, fraction=fraction, subset=subset,
                    epochs=epoch_list,
                    max_steps=max_steps, lr=lr_list, head_lr_scale=head_lr_scale, head_init=head_init, bn=bn,

@@ -29,7 +29,7 @@ from rich.table import Table
 from relicv2_cli import options
 from relicv2_cli.analysis import check_fresh, is_dataset_spec, spec_slug
 from relicv2_cli.artifacts import Staging
-from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset
+from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset, require_labels
 from relicv2_cli.encoders import Encoder, load_encoder, slugify
 from relicv2_cli.errors import RelicError
 from relicv2_cli.features import split_features, view_size
@@ -121,8 +121,8 @@ def run_transfer(
     l2_grid: str = DEFAULT_L2_GRID, metric: str = "top1", val_fraction: float = 0.2, max_iter: int = 1000,
     finetune_mode: bool = False, finetune_opts: dict | None = None, batch_size: int = 256,
     precision: str = "bf16", limit_train: int | None = None, limit_test: int | None = None,
-    image_size: int | None = None, seed: int = 0, device: str = "auto", force: bool = False,
-    quiet: bool = False, command_config: dict | None = None,
+    image_size: int | None = None, skip_bad: bool = False, seed: int = 0, device: str = "auto",
+    force: bool = False, quiet: bool = False, command_config: dict | None = None,
 ):
     options.check_choice("--metric", metric, METRICS)
     options.check_choice("--precision", precision, options.PRECISIONS)
@@ -135,8 +135,11 @@ def run_transfer(
     if len(set(labels)) != len(labels):
         raise RelicError(f"an encoder is listed twice: {', '.join(labels)}")
     # Load every dataset first: a bad SPEC fails before any work.
-    data_options = dict(limit_train=limit_train, limit_test=limit_test, image_size=image_size, seed=seed)
+    data_options = dict(limit_train=limit_train, limit_test=limit_test, image_size=image_size,
+                        skip_bad=skip_bad, seed=seed)
     datasets = [load_dataset(s, **data_options) for s in specs]
+    for dataset in datasets:
+        require_labels(dataset, "eval transfer")
     workdir = Path(workdir)
     name = name or _default_name(encoders, specs, finetune_mode)
     check_fresh(workdir, "transfer", name, force)
@@ -234,6 +237,7 @@ def command(
     limit_train: options.LimitTrain = None,
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
+    skip_bad: options.SkipBad = False,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODERS-DATASETS joined by +).")] = None,
@@ -263,6 +267,6 @@ def command(
     art = run_transfer(encoders, specs, workdir=workdir, name=name, l2_grid=l2_grid, metric=metric,
                        val_fraction=val_fraction, max_iter=max_iter, finetune_mode=finetune_mode,
                        finetune_opts=finetune_opts, batch_size=batch_size, precision=precision,
-                       limit_train=limit_train, limit_test=limit_test, image_size=image_size, seed=seed,
-                       device=device, force=force, quiet=quiet)
+                       limit_train=limit_train, limit_test=limit_test, image_size=image_size,
+                       skip_bad=skip_bad, seed=seed, device=device, force=force, quiet=quiet)
     options.finish(art.path)
