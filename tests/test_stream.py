@@ -216,10 +216,10 @@ def test_workers_leave_ctrl_c_to_the_training_process(folder):
     dataset = load_dataset(f"imagefolder:{folder}")
     crops = stream.StepCrops(dataset.train, ViewConfig(large_crops=1, small_crops=0, large_size=8),
                              lambda step: torch.arange(4), torch.arange(4), seed=0)
-    assert wait_until_no_children() == []
+    before = set(children())
     batches = stream.step_batches(crops, 0, 8, workers=2, pin=False)
     next(batches), next(batches)  # items 0 and 1: both workers are up (one item each)
-    workers = children()
+    workers = sorted(set(children()) - before)
     assert len(workers) == 2
     for pid in workers:
         os.kill(pid, signal.SIGINT)
@@ -254,16 +254,19 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_until_no_children(seconds: float = 60) -> list[int]:
-    """The children still alive after up to `seconds` (a loaded machine slows the workers' exit)."""
+def wait_until_no_children(before: set[int], seconds: float = 60) -> list[int]:
+    """The children still alive after up to `seconds` (a loaded machine slows the workers' exit),
+    except those in `before`: processes earlier tests left running for the whole session (a
+    multiprocessing pool's helpers, say)."""
     deadline = time.monotonic() + seconds
-    while children() and time.monotonic() < deadline:
+    while set(children()) - before and time.monotonic() < deadline:
         time.sleep(0.2)
-    return children()
+    return sorted(set(children()) - before)
 
 
 def test_streamed_resume_equals_an_uninterrupted_run_with_any_workers(folder, tmp_path):
     # The uninterrupted run makes its crops in the training process, the cut one in 2 workers.
+    before = set(children())
     whole = run_pretrain(tiny(folder, max_steps=6), workdir=tmp_path, name="whole", quiet=True)
 
     def kill_at_3(step):
@@ -275,7 +278,7 @@ def test_streamed_resume_equals_an_uninterrupted_run_with_any_workers(folder, tm
                      step_callback=kill_at_3)
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     # the workers ended with the loop, not when the traceback that pytest keeps is freed
-    assert wait_until_no_children() == []
+    assert wait_until_no_children(before) == []
     resumed = run_pretrain(tiny(folder, max_steps=6, workers=2), workdir=tmp_path, name="cut", resume=True,
                            quiet=True)
     a, b = backbone(whole), backbone(resumed)
