@@ -10,13 +10,11 @@ one image, not the whole shard), so a damaged shard is named without hashing gig
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
-import signal
 import zlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 from relicv2_cli import artifacts
 from relicv2_cli.data import Dataset, Split, check_labels, decode_bytes, decode_images, limited
 from relicv2_cli.errors import RelicError
+from relicv2_cli.workers import cv2_pool
 
 FORMAT = "relicv2-prepared"
 VERSION = 1
@@ -160,11 +159,6 @@ class PrepareOptions:
     skip_bad: bool = False
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-
-
 def encode_image(task: tuple) -> tuple:
     """(i, problem, JPEG bytes, height, width) of source image i: decoded, its shorter side shrunk
     to `max_side` (area interpolation, aspect kept), re-encoded at `quality`."""
@@ -264,7 +258,8 @@ def prepare(dataset: Dataset, root: str, staging: Path, opts: PrepareOptions, re
     done = sum(sh["source_end"] for info in index["splits"].values() for sh in info["shards"][-1:])
     bar = progress.add_task("prepare", total=total, completed=done, info=f"{opts.workers} worker(s)",
                             unit="images")
-    with _pool(opts.workers) as imap:
+    with cv2_pool(opts.workers) as pool:
+        imap = map if pool is None else functools.partial(pool.imap, chunksize=8)
         for s, split in splits.items():
             info = index["splits"][s]
             start = info["shards"][-1]["source_end"] if info["shards"] else 0
@@ -327,28 +322,3 @@ def _resumed_index(staging: Path, request: dict) -> dict:
         if path.name != INDEX and path.name not in listed:
             path.unlink()
     return index
-
-
-class _pool:
-    """An ordered imap: in-process for one worker, else over a pool of processes."""
-
-    def __init__(self, workers: int):
-        self.workers, self.pool, self.threads = workers, None, cv2.getNumThreads()
-
-    def __enter__(self) -> Callable[..., Iterator]:
-        if self.workers == 1:
-            cv2.setNumThreads(1)  # as in a worker process, so both encode alike
-            return map
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-        self.pool = ctx.Pool(self.workers, initializer=_init_worker)
-        return lambda fn, tasks: self.pool.imap(fn, tasks, chunksize=8)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        cv2.setNumThreads(self.threads)
-        if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()

@@ -18,11 +18,11 @@ it refuses masks made for a different dataset (fingerprint or count mismatch).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import signal
 import time
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Annotated
 
@@ -35,6 +35,7 @@ from relicv2_cli import artifacts, options
 from relicv2_cli import saliency as sal
 from relicv2_cli.data import Dataset, Split, load_dataset
 from relicv2_cli.errors import RelicError
+from relicv2_cli.workers import cv2_pool
 
 DEFAULT_METHOD = "bc+grabcut"
 SPLIT_CHOICES = ("train", "test", "all")
@@ -47,48 +48,21 @@ MASK_SUFFIXES = (".png",)
 # Workers.
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-
-
 def _work(task: tuple) -> tuple:
     key, images, method, params, seed = task
     return key, *sal.compute(images, method, params, seed=seed)
 
 
 class _Runner:
-    """Runs `sal.compute` over chunks of images: in-process for one worker, else in a pool."""
+    """Runs `sal.compute` over chunks of images: in this process without a pool, else in the pool."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.pool = None
-
-    def __enter__(self) -> _Runner:
-        if self.workers > 1:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            self.pool = ctx.Pool(self.workers, initializer=_init_worker)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.pool is not None:
-            if exc_type is None:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
+    def __init__(self, pool: Pool | None, workers: int):
+        self.pool, self.workers = pool, workers
 
     def map(self, tasks: list[tuple]):
         """Yield (key, saliency, mask) per task, in completion order."""
         if self.pool is None:
-            previous = cv2.getNumThreads()
-            cv2.setNumThreads(1)
-            try:
-                for task in tasks:
-                    yield _work(task)
-            finally:
-                cv2.setNumThreads(previous)
+            yield from map(_work, tasks)
         else:
             yield from self.pool.imap_unordered(_work, tasks)
 
@@ -310,7 +284,8 @@ def run(
     shapes = {s: dataset.split(s).images.shape[:3] for s in splits}
 
     staging = artifacts.Staging(Path(workdir), "saliency", name, force=force, resume=resume, resumable=True)
-    with staging, options.handle_signals(_raise_interrupt, (signal.SIGTERM,)), _Runner(workers) as runner:
+    with staging, options.handle_signals(_raise_interrupt, (signal.SIGTERM,)), cv2_pool(workers) as pool:
+        runner = _Runner(pool, workers)
         h5_path = staging.dir / sal.H5_NAME
         start = time.perf_counter()
         with _open_h5(h5_path, resume, header, split_info, shapes, chunk) as f:
