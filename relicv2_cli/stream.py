@@ -274,13 +274,15 @@ def can_stream(split: Split) -> bool:
 
 def decoded_bytes(split: Split, image_size: int | None = None) -> tuple[float, str, bool]:
     """(bytes of the split decoded as uint8 RGB, how it was found, whether sizes differ): exact when
-    decoded or resized to --image-size, else the mean size of SIZE_SAMPLE evenly spaced images'
-    headers times the count."""
+    decoded, resized to --image-size or prepared (sizes stored), else the mean size of SIZE_SAMPLE
+    evenly spaced images' headers times the count."""
     n = len(split)
     if split._images is not None:
         return float(split._images.nbytes), "exact", False
     if image_size is not None:
         return 3.0 * n * image_size**2, "exact", False
+    if split.sizes is not None:  # a prepared set stores every image's size
+        return 3.0 * float(split.sizes.prod(1).sum()), "exact", len(np.unique(split.sizes, axis=0)) > 1
     k = min(n, SIZE_SAMPLE)
     sample = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
     sizes = [header_size(split.encoded(i), image_name(split, i)) for i in sample]
