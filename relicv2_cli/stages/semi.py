@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -89,14 +89,12 @@ def resolve_subset(dataset: Dataset, fraction: float | None, subset: str | None,
 
 @dataclass
 class Recipe:
-    """One fine-tuning configuration; `--select` tries every combination of the listed values."""
+    """One fine-tuning configuration; comma lists of --epochs, --lr and --crop-min-scale give one per
+    combination, chosen on held-out labelled images."""
 
     epochs: float
     lr: float
     crop_min_scale: float
-
-    def row(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "crop_min_scale": self.crop_min_scale}
 
 
 def frozen_probe(train_x: np.ndarray, train_y: np.ndarray, test_x, test_y, *,
@@ -156,9 +154,9 @@ def run_semi(
             net, _, _ = finetune(encoder, images[fit], labels[fit], epochs=recipe.epochs, lr=recipe.lr,
                                  crop_min_scale=recipe.crop_min_scale,
                                  head_init=fit_probe.model if head_init == "probe" else None, **tune,
-                                 description=f"select {_row_text(recipe.row())}")
+                                 description=f"select {_row_text(asdict(recipe))}")
             val = evaluate_network(net, images[held], labels[held], **evaluate)
-            selection.append({**recipe.row(), "val_top1": val["top1"]})
+            selection.append({**asdict(recipe), "val_top1": val["top1"]})
         best = max(range(len(candidates)), key=lambda i: selection[i]["val_top1"])  # ties: first listed
         chosen = candidates[best]
     else:
@@ -175,7 +173,7 @@ def run_semi(
                "subset_size": len(indices), "subset_fraction": len(indices) / len(dataset.train),
                "subset_sha256": digest,
                "subset_per_class": dict(zip(dataset.class_names, counts, strict=True)),
-               "chosen": chosen.row(), "selection": selection,
+               "chosen": asdict(chosen), "selection": selection,
                **summary, "final_loss": history[-1]["loss"] if history else None,
                "seconds": round(time.perf_counter() - start, 2)}
     config = {"encoder": encoder.record, "encoder_label": encoder.label, "subset": source, "epochs": epochs,
@@ -202,7 +200,7 @@ def run_semi(
                                     f"per class {min(counts)}-{max(counts)})"),
                 ("subset sha256", digest[:16])]
         rows += [(f"select {_row_text(r)}", f"held-out top-1 {100 * r['val_top1']:.2f}%") for r in selection]
-        rows += [("fine-tuned", f"{_row_text(chosen.row())}, head {head_init}, BN {bn}"),
+        rows += [("fine-tuned", f"{_row_text(asdict(chosen))}, head {head_init}, BN {bn}"),
                  ("steps", f"{summary['steps']} x batch {summary['batch']} "
                            f"({summary['train_seconds']:.0f} s)"),
                  ("frozen linear top-1 (same labels)", f"{100 * probe.test['top1']:.2f}%"),
