@@ -408,13 +408,16 @@ def views_from_crops(
     small: torch.Tensor | None,
     cfg: ViewConfig,
     generator: torch.Generator,
+    masked: torch.Tensor | None = None,
 ) -> Views:
     """The views of crops already cut and resized elsewhere (the streamed loader's workers): uint8
-    large (L * B, 3, large_size, large_size) and small (S * B, ...), view-major; the photometric part
-    of make_views, batched on the crops' device."""
+    large (L * B, 3, large_size, large_size) and small (S * B, ...), view-major, `masked` (L, B) the
+    large crops cut from background-removed images; the photometric part of make_views, batched on
+    the crops' device."""
     L, S = cfg.large_crops, cfg.small_crops
     b = len(large) // L
-    masked = torch.zeros(L, b, dtype=torch.bool, device=large.device)  # streamed runs take no masks
+    if masked is None:
+        masked = torch.zeros(L, b, dtype=torch.bool, device=large.device)
     views = _photometric(large.float() / 255, L, cfg, generator, large=True)
     small_views = _photometric(small.float() / 255, S, cfg, generator, large=False) if S > 0 else []
     return Views(large=views, small=small_views, masked=masked)

@@ -23,6 +23,7 @@ literature's convention, weighting precision over recall), averaged over images.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ import h5py
 import numpy as np
 
 from relicv2_cli import artifacts
+from relicv2_cli.data import stored_fingerprint
 from relicv2_cli.errors import RelicError
 
 if TYPE_CHECKING:
@@ -42,6 +44,8 @@ BETA2 = 0.3
 # The saliency artifact: masks.h5 with one group per split (mask, done, count, fingerprint).
 H5_NAME = "masks.h5"
 H5_FORMAT = "relicv2-saliency"
+# Array sets store (N, H, W) arrays; streamed sets (image folders, prepared) one PNG per image.
+LAYOUT_ARRAY, LAYOUT_PER_IMAGE = "array", "per-image"
 
 # Parameters of every method, recorded in the artifact. Sizes are in pixels of the working image.
 DEFAULT_PARAMS: dict = {
@@ -280,13 +284,54 @@ def evaluate(pred: np.ndarray, gt: np.ndarray) -> dict:
 # Reading a saliency artifact (pretrain --saliency, the saliency stage's preview).
 
 
-def open_masks(path: str | Path, dataset: Dataset,
-               split: str = "train") -> tuple[artifacts.Artifact, np.ndarray]:
-    """Load the binary masks of `split` from a saliency artifact, checked against `dataset`.
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A binary mask (H, W) uint8 {0, 1} as an 8-bit grey PNG of its 0/1 values (deflate level 9:
+    long runs of equal bytes make a few hundred bytes)."""
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(mask, np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise RelicError(f"cannot encode a {mask.shape} mask as PNG")
+    return data.tobytes()
 
-    Returns the artifact (for the caller's parents list) and masks (N, H, W) uint8 in {0, 1}
-    aligned with `dataset.split(split).images`. Raises RelicError when the artifact holds no such
-    split or its count, fingerprint or image size differ from the dataset's."""
+
+def decode_mask(data: np.ndarray | bytes) -> np.ndarray:
+    """encode_mask's PNG -> (H, W) uint8 {0, 1}."""
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if len(data) else None
+    if mask is None:
+        raise RelicError("unreadable mask PNG in a saliency artifact")
+    return mask
+
+
+class MaskReader:
+    """Mask i (H, W) uint8 {0, 1} of one split of a saliency artifact, read on demand: a PNG of the
+    per-image layout, or a row of the array layout. h5py handles do not survive a fork, so each
+    process (a DataLoader worker) opens the file itself."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = path, split
+        self._open: tuple | None = None  # (pid, h5py.File, the mask dataset)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": None}
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self._open is None or self._open[0] != os.getpid():
+            try:
+                f = h5py.File(self.path, "r")
+                self._open = (os.getpid(), f, f[self.split]["mask"])
+            except (OSError, KeyError) as e:
+                raise RelicError(f"unreadable saliency file {self.path}: {e}") from None
+        row = self._open[2][i]
+        return decode_mask(row) if self._open[2].dtype.kind == "O" else row
+
+
+def open_masks(path: str | Path, dataset: Dataset, split: str = "train",
+               streamed: bool = False) -> tuple[artifacts.Artifact, np.ndarray | MaskReader]:
+    """The binary masks of `split` from a saliency artifact, checked against `dataset`.
+
+    Returns the artifact (for the caller's parents list) and the masks aligned with the split: as
+    one array (N, H, W) uint8 {0, 1} matching `dataset.split(split).images`, or, `streamed`, as a
+    MaskReader giving mask i on demand. Raises RelicError when the artifact holds no such split or its
+    count, fingerprint or image size differ from the dataset's."""
     art = artifacts.load_artifact(path, kind="saliency")
     target = dataset.split(split)
     h5_path = art.file(H5_NAME)
@@ -297,6 +342,7 @@ def open_masks(path: str | Path, dataset: Dataset,
                 raise RelicError(f"saliency artifact {art.path} has no masks for the {split} split "
                                  f"(it has: {have}); rerun `relicv2 saliency` with --split {split} or all")
             group = f[split]
+            per_image = f.attrs.get("layout", LAYOUT_ARRAY) == LAYOUT_PER_IMAGE
             count, fingerprint = int(group.attrs["count"]), str(group.attrs["fingerprint"])
             made_for = _describe(art.manifest.get("dataset") or {})
             here = _describe({"spec": dataset.spec, **dataset.options})
@@ -304,12 +350,18 @@ def open_masks(path: str | Path, dataset: Dataset,
                 raise RelicError(f"saliency masks were made for a different dataset: {split} count "
                                  f"{count:,} != "
                                  f"{len(target):,} (masks: {made_for}; data: {here})")
-            if fingerprint != target.fingerprint:
+            # Per-image masks are made from the stored (encoded) images, so they carry that fingerprint.
+            expected = stored_fingerprint(target) if per_image else target.fingerprint
+            if fingerprint != expected:
                 raise RelicError(f"saliency masks were made for a different dataset: {split} fingerprint "
-                                 f"{fingerprint[:12]}… != {target.fingerprint[:12]}… (masks: {made_for}; "
+                                 f"{fingerprint[:12]}… != {expected[:12]}… (masks: {made_for}; "
                                  f"data: {here})")
             if not bool(np.all(group["done"][()])):
                 raise RelicError(f"{h5_path}: the {split} masks are incomplete")
+            if streamed:
+                return art, MaskReader(h5_path, split)
+            if per_image:
+                return art, _stacked(group, target.images.shape[:3], split)
             masks = group["mask"][()]
     except OSError as e:
         raise RelicError(f"unreadable saliency file {h5_path}: {e}") from None
@@ -317,6 +369,18 @@ def open_masks(path: str | Path, dataset: Dataset,
         raise RelicError(f"saliency masks are {masks.shape[1]}x{masks.shape[2]} but the {split} images are "
                          f"{target.images.shape[1]}x{target.images.shape[2]}")
     return art, masks
+
+
+def _stacked(group: h5py.Group, shape: tuple, split: str) -> np.ndarray:
+    """Per-image masks as one (N, H, W) array, for a split held in memory (all images one size)."""
+    n, h, w = shape
+    sizes = np.stack([group["height"][()], group["width"][()]], axis=1)
+    odd = np.flatnonzero((sizes != (h, w)).any(axis=1))
+    if len(odd):
+        i = int(odd[0])
+        raise RelicError(f"saliency mask {i} is {sizes[i, 1]}x{sizes[i, 0]} but the {split} images are "
+                         f"{w}x{h} in memory; stream the run (--in-memory no) for masks at each image's size")
+    return np.stack([decode_mask(row) for row in group["mask"]]) if n else np.zeros(shape, np.uint8)
 
 
 def load_masks(path: str | Path, dataset: Dataset, split: str = "train") -> np.ndarray:

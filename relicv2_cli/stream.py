@@ -11,7 +11,6 @@ device (augment.views_from_crops).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import signal
@@ -23,7 +22,7 @@ import torch
 from PIL import Image
 
 from relicv2_cli.augment import ViewConfig, sample_boxes
-from relicv2_cli.data import Dataset, Split, truncated_jpeg
+from relicv2_cli.data import Dataset, Split, stored_fingerprint, truncated_jpeg
 from relicv2_cli.errors import RelicError
 
 IN_MEMORY = ("auto", "yes", "no")
@@ -100,26 +99,43 @@ def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Generator,
-               reduce: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Large (L, ls, ls, 3) and small (S, ss, ss, 3) uint8 random resized crops of one encoded image:
-    boxes drawn as augment.sample_boxes draws them (large first) on the full image's size, the image
-    decoded at the smallest scale that keeps every box at least its output size across."""
+               reduce: bool = True, mask: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Large (L, ls, ls, 3) and small (S, ss, ss, 3) uint8 random resized crops of one encoded image,
+    and which large crops had their background removed (L,) bool: boxes drawn as augment.sample_boxes
+    draws them (large first) on the full image's size, the image decoded at the smallest scale that
+    keeps every box at least its output size across.
+
+    With a saliency `mask` (H, W) of the full image, make_views' rule: each large crop is cut from the
+    image times its mask with probability views.mask_prob (drawn after the boxes), unless the mask
+    covers less than views.mask_min_area; small crops never are. The image is then decoded whole."""
     width, height = header_size(data, name)
     L, S = views.large_crops, views.small_crops
     boxes = torch.cat([sample_boxes(n, height, width, scale, views.ratio, generator, "cpu")
                        for n, scale in ((L, views.large_scale), (S, views.small_scale)) if n])
     boxes = pixel_boxes(boxes, width, height)
     sizes = np.array([views.large_size] * L + [views.small_size] * S)
-    pixels = decode(data, name, reduction_for(boxes, sizes) if reduce else 1)
+    masked = np.zeros(L, bool)
+    if mask is not None and views.mask_prob > 0 and L:
+        enough = bool(torch.from_numpy(mask != 0).float().mean() >= views.mask_min_area)
+        masked = (torch.rand(L, generator=generator) < views.mask_prob).numpy() & enough
+    pixels = decode(data, name, reduction_for(boxes, sizes) if reduce and not masked.any() else 1)
+    sources = [pixels] * len(boxes)
+    if masked.any():
+        if mask.shape != pixels.shape[:2]:
+            raise RelicError(f"the saliency mask of {name} is {mask.shape[1]}x{mask.shape[0]} but the image "
+                             f"is {pixels.shape[1]}x{pixels.shape[0]}")
+        cut = pixels * (mask != 0)[..., None].astype(np.uint8)
+        sources[:L] = [cut if m else pixels for m in masked]
     # The decoded image may be smaller: scale the boxes to it (exact for reduction 1).
     scale = np.array([pixels.shape[1] / width, pixels.shape[0] / height] * 2)
     boxes = np.rint(boxes * scale).astype(int)
     # BGR to RGB on the small crops rather than the image
-    crops = [cv2.cvtColor(resize(pixels[y1:y2, x1:x2], size, size), cv2.COLOR_BGR2RGB)
-             for (x1, y1, x2, y2), size in zip(boxes, sizes, strict=True)]
+    crops = [cv2.cvtColor(resize(source[y1:y2, x1:x2], size, size), cv2.COLOR_BGR2RGB)
+             for source, (x1, y1, x2, y2), size in zip(sources, boxes, sizes, strict=True)]
     large = np.stack(crops[:L]) if L else np.zeros((0, views.large_size, views.large_size, 3), np.uint8)
     small = np.stack(crops[L:]) if S else np.zeros((0, views.small_size, views.small_size, 3), np.uint8)
-    return large, small
+    return large, small, masked
 
 
 def center_image(data: bytes, name: str, size: int) -> np.ndarray:
@@ -147,22 +163,27 @@ def image_generator(seed: int, step: int, position: int) -> torch.Generator:
 
 class StepCrops(torch.utils.data.Dataset):
     """Item s: the crops of step s's images (uint8, view-major: large (L * B, 3, ls, ls), small
-    (S * B, 3, ss, ss)), or a RelicError's message (a worker's exception would reach the training
-    loop as a multi-line traceback)."""
+    (S * B, 3, ss, ss)) and which large crops were background-removed ((L, B) bool), or a
+    RelicError's message (a worker's exception would reach the training loop as a multi-line
+    traceback). `masks(i)` gives image i's saliency mask (saliency.MaskReader), with --saliency."""
 
     def __init__(self, split: Split, views: ViewConfig, batch_indices: Callable[[int], torch.Tensor],
-                 positions: torch.Tensor, seed: int):
+                 positions: torch.Tensor, seed: int, masks: Callable[[int], np.ndarray] | None = None):
         self.split, self.views, self.batch_indices = split, views, batch_indices
         self.positions, self.seed = positions.tolist(), seed  # the batch rows this process makes views of
+        self.masks = masks
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
         try:
             batch = self.batch_indices(step).tolist()
             crops = [crop_image(self.split.encoded(batch[p]), image_name(self.split, batch[p]), self.views,
-                                image_generator(self.seed, step, p)) for p in self.positions]
+                                image_generator(self.seed, step, p),
+                                mask=None if self.masks is None else self.masks(batch[p]))
+                     for p in self.positions]
         except RelicError as e:
             return f"{e} (step {step})"
-        return tuple(_view_major(np.stack([c[k] for c in crops])) for k in (0, 1))
+        masked = torch.from_numpy(np.stack([c[2] for c in crops], axis=1))
+        return *(_view_major(np.stack([c[k] for c in crops])) for k in (0, 1)), masked
 
 
 def _view_major(crops: np.ndarray) -> torch.Tensor:
@@ -336,17 +357,9 @@ def choose(mode: str, dataset: Dataset, device: torch.device,
 
 
 def encoded_fingerprints(dataset: Dataset) -> None:
-    """Fingerprint each split not yet fingerprinted from its encoded bytes and labels (reading, not
-    decoding, every file), so that the manifest's dataset record never decodes a streamed split."""
+    """Fingerprint each split not yet fingerprinted from its stored bytes (data.stored_fingerprint:
+    reading, not decoding, every file), so that the manifest's dataset record never decodes a
+    streamed split."""
     for split in (dataset.train, dataset.val, dataset.test):
-        if split is None or split._fingerprint is not None or split._images is not None:
-            continue
-        digest = hashlib.sha256()
-        digest.update(f"encoded {len(split)}".encode())
-        for i in range(len(split)):
-            data = split.encoded(i)
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-        digest.update(np.ascontiguousarray(split.labels.astype(np.int64)).data)
-        split._fingerprint = digest.hexdigest()
-
+        if split is not None and split._fingerprint is None and split._images is None:
+            split._fingerprint = stored_fingerprint(split)

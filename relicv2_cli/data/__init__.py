@@ -581,6 +581,21 @@ def decode_images(names: list[str], read: Callable[[int], bytes], image_size: in
     return np.stack(images), np.asarray(keep, int)
 
 
+def stored_fingerprint(split: Split) -> str:
+    """The fingerprint of a split's stored images, never decoding them: a prepared set's own (from its
+    shards), else the sha256 of every image's encoded bytes (length-prefixed) and the labels."""
+    if split._read is not None:
+        return split.fingerprint
+    digest = hashlib.sha256()
+    digest.update(f"encoded {len(split)}".encode())
+    for i in range(len(split)):
+        data = split.encoded(i)
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    digest.update(np.ascontiguousarray(split.labels.astype(np.int64)).data)
+    return digest.hexdigest()
+
+
 def require_labels(dataset: Dataset, what: str) -> None:
     """One line when a stage that needs class labels gets a folder of unlabelled images."""
     if not dataset.labelled:

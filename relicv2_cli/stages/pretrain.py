@@ -154,7 +154,7 @@ class Run:
     workers: int  # loader processes (streamed runs and their evaluation)
     data_choice: str  # in memory or streamed, and why (printed by run_pretrain)
     labels: torch.Tensor
-    masks: torch.Tensor | None  # (N, H, W) saliency masks, with --saliency
+    masks: torch.Tensor | None  # (N, H, W) saliency masks, with --saliency in memory (streamed: in `crops`)
     parents: list[artifacts.Artifact]
     views: ViewConfig
     online: nn.Module  # encoder + projector (+ predictor)
@@ -219,10 +219,14 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     if cfg.batch_size > n_train:
         raise RelicError(f"--batch-size {cfg.batch_size} is larger than the training split "
                          f"({n_train} images)")
-    masks, parents = None, []
-    if cfg.saliency:
-        art, train_masks = open_masks(cfg.saliency, dataset, "train")
-        masks, parents = torch.from_numpy(np.ascontiguousarray(train_masks)).to(dev), [art]
+    masks, mask_reader, parents = None, None, []
+    if cfg.saliency:  # streamed: the loader's workers read each image's mask with its bytes
+        art, train_masks = open_masks(cfg.saliency, dataset, "train", streamed)
+        parents = [art]
+        if streamed:
+            mask_reader = train_masks
+        else:
+            masks = torch.from_numpy(np.ascontiguousarray(train_masks)).to(dev)
 
     steps_per_epoch = n_train // cfg.batch_size
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -240,7 +244,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         batches = functools.partial(_batch_indices, steps_per_epoch=steps_per_epoch, n=n_train,
                                     batch=cfg.batch_size, seed=cfg.seed)
         positions = ddp.shard(torch.Generator(), torch.arange(cfg.batch_size))[1]  # rows this process views
-        crops = stream.StepCrops(dataset.train, views, batches, positions, cfg.seed)
+        crops = stream.StepCrops(dataset.train, views, batches, positions, cfg.seed, mask_reader)
     return Run(
         cfg=cfg, device=dev, dataset=dataset, masks=masks, parents=parents, crops=crops,
         images=None if streamed else
@@ -262,9 +266,6 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
 
 def _check_streamed(cfg: PretrainConfig) -> None:
     """What a streamed run cannot do (yet), as one line."""
-    if cfg.saliency:
-        raise RelicError("--saliency needs the training split in memory (masks of streamed data are not "
-                         "supported yet): use --in-memory yes")
     if cfg.image_size is not None:
         raise RelicError("--image-size resizes the split decoded in memory; a streamed run crops the full "
                          "images: drop --image-size or use --in-memory yes")
@@ -338,8 +339,8 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
         masks = run.masks[view_idx] if run.masks is not None else None
         views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
     else:  # cut and resized in the loader's workers; the photometric part as make_views
-        large, small = (c.to(run.device, non_blocking=True) for c in next(run.batches))  # a wait: data time
-        views = views_from_crops(large, small, run.views, generator).rows(keep)
+        large, small, masked = (c.to(run.device, non_blocking=True) for c in next(run.batches))  # data time
+        views = views_from_crops(large, small, run.views, generator, masked).rows(keep)
     labels = run.labels[rows]
     lr = lr_at(step, run.total_steps, run.base_lr, run.warmup_steps)
     for group in run.optimizer.param_groups:

@@ -1,12 +1,14 @@
 """`relicv2 saliency`: precompute background-removal masks for a dataset, once, before pretraining.
 
 Output: WORKDIR/saliency/NAME with
-- `masks.h5`: one group per split (`train`, `test`, `val`), each holding `saliency` (N, H, W)
-  uint8 (the soft map scaled to 0..255), `mask` (N, H, W) uint8 in {0, 1} and `done` (one flag
-  per chunk of images), in the dataset's index order; attrs record the split's count and
-  fingerprint, the method and its parameters. Chunks are written and flushed as they finish, so
-  an interrupted run keeps WORKDIR/saliency/.NAME.partial and `--resume` computes only the
-  chunks not yet done.
+- `masks.h5`: one group per split (`train`, `test`, `val`) in the dataset's index order, with
+  `done` (one flag per chunk of images) and attrs recording the split's count and fingerprint,
+  the method and its parameters. Array sets (decoded when loaded) get the `array` layout:
+  `saliency` (N, H, W) uint8 (the soft map scaled to 0..255) and `mask` (N, H, W) uint8 in
+  {0, 1}. Image folders and prepared sets stream (decoded a chunk at a time in loader workers)
+  into the `per-image` layout: each mask a PNG at its image's size, with `height`, `width` and
+  `foreground`. Chunks are written and flushed as they finish, so an interrupted run keeps
+  WORKDIR/saliency/.NAME.partial and `--resume` computes only the chunks not yet done.
 - `preview.png`: 16 images with their saliency map, mask and background removed.
 - manifest metrics: images/s and, when the dataset has ground-truth masks (synthetic), mean IoU
   and F-measure (beta^2 = 0.3) of every method and of the centre prior on the same images.
@@ -29,11 +31,12 @@ from typing import Annotated
 import cv2
 import h5py
 import numpy as np
+import torch
 import typer
 
 from relicv2_cli import artifacts, options
 from relicv2_cli import saliency as sal
-from relicv2_cli.data import Dataset, Split, load_dataset
+from relicv2_cli.data import Dataset, Split, decode_bytes, load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.workers import cv2_pool
 
@@ -174,11 +177,12 @@ def _default_name(spec: str, method: str, split: str, imported: bool) -> str:
     return "-".join(parts)
 
 
-def _auto_chunk(n: int, h: int, w: int) -> int:
-    """Images per chunk: at most 512 and about 12 MB of pixels, at least 16, and small enough to
-    make about 16 chunks of a small split (so the workers stay busy to the end). Independent of
-    --workers, so a run can be resumed with another worker count."""
-    cap = max(16, min(512, (12 << 20) // (h * w * 3)))
+def _auto_chunk(n: int, pixels: float) -> int:
+    """Images per chunk of `pixels` each (the mean for images of mixed sizes): at most 512 and about
+    12 MB of pixels, at least 16, and small enough to make about 16 chunks of a small split (so the
+    workers stay busy to the end). Independent of --workers, so a run can be resumed with another
+    worker count."""
+    cap = max(16, min(512, int((12 << 20) // (pixels * 3))))
     return int(min(cap, max(16, -(-n // 16))))
 
 
@@ -193,8 +197,10 @@ def _method_params(method: str) -> dict:
     return params
 
 
-def _open_h5(path: Path, resume: bool, header: dict, split_info: dict, shapes: dict, chunk: int) -> h5py.File:
-    """Create masks.h5, or reopen the interrupted run's one after checking it was made the same way."""
+def _open_h5(path: Path, resume: bool, header: dict, split_info: dict, shapes: dict | None,
+             chunk: int) -> h5py.File:
+    """Create masks.h5, or reopen the interrupted run's one after checking it was made the same way.
+    `shapes` {split: (N, H, W)} makes the array layout; None the per-image layout (streamed sets)."""
     if resume and path.exists():
         try:
             f = h5py.File(path, "r+")
@@ -220,11 +226,19 @@ def _open_h5(path: Path, resume: bool, header: dict, split_info: dict, shapes: d
     f.attrs["splits"] = json.dumps(list(split_info))
     f.attrs["spec"] = header["spec"]
     f.attrs["chunk_size"] = chunk
+    f.attrs["layout"] = header["layout"]
     for name, info in split_info.items():
-        n, h, w = shapes[name]
         group = f.create_group(name)
         group.attrs["count"] = info["count"]
         group.attrs["fingerprint"] = info["fingerprint"]
+        if shapes is None:
+            n = info["count"]
+            group.create_dataset("mask", shape=(n,), dtype=h5py.vlen_dtype(np.uint8))
+            for key, dtype in (("height", np.int32), ("width", np.int32), ("foreground", np.int64)):
+                group.create_dataset(key, shape=(n,), dtype=dtype)
+            group.create_dataset("done", shape=(-(-n // chunk),), dtype=np.uint8, fillvalue=0)
+            continue
+        n, h, w = shapes[name]
         per_chunk = max(1, min(n, chunk, (64 << 10) // (h * w)))  # h5 chunks of ~64 KB
         for key in ("saliency", "mask"):
             group.create_dataset(key, shape=(n, h, w), dtype=np.uint8, chunks=(per_chunk, h, w),
@@ -266,25 +280,36 @@ def run(
         data_root = Path(arg).expanduser() if kind in ("imagefolder", "images") else None
         imported = _import_masks(Path(from_dir), dataset, splits, data_root)
 
-    first = dataset.split(splits[0]).images
-    chunk = chunk_size or _auto_chunk(*first.shape[:3])
+    # Image folders and prepared sets stream: decoded a chunk at a time, masks at each image's size.
+    streamed = from_dir is None and image_size is None and _streamable(dataset.split(splits[0]))
+    if streamed:
+        from relicv2_cli import stream
+
+        stream.encoded_fingerprints(dataset)  # from the stored bytes: the split is never decoded whole
+        first = dataset.split(splits[0])
+        pixels = stream.decoded_bytes(first)[0] / 3 / len(first)
+    else:
+        pixels = float(np.prod(dataset.split(splits[0]).images.shape[1:3]))
+    chunk = chunk_size or _auto_chunk(len(dataset.split(splits[0])), pixels)
+    layout = sal.LAYOUT_PER_IMAGE if streamed else sal.LAYOUT_ARRAY
     split_info = {s: {"count": len(dataset.split(s)),
                       "fingerprint": dataset.split(s).fingerprint} for s in splits}
     params = _method_params(used_method)
     header = {"format": sal.H5_FORMAT, "spec": spec, "method": used_method, "params": params,
-              "splits": split_info, "chunk_size": chunk, "seed": seed,
+              "splits": split_info, "chunk_size": chunk, "seed": seed, "layout": layout,
               "from_dir": str(from_dir) if from_dir is not None else None}
     config = {
         "spec": spec, "method": used_method, "params": params, "split": split, "splits": split_info,
         "from_dir": from_dir, "workers": workers, "chunk_size": chunk, "seed": seed,
         "limit_train": limit_train, "limit_test": limit_test, "image_size": image_size, "skip_bad": skip_bad,
-        "quality_n": quality_n,
+        "quality_n": quality_n, "layout": layout,
     }
     name = name or _default_name(spec, used_method, split, from_dir is not None)
-    shapes = {s: dataset.split(s).images.shape[:3] for s in splits}
+    shapes = None if streamed else {s: dataset.split(s).images.shape[:3] for s in splits}
 
     staging = artifacts.Staging(Path(workdir), "saliency", name, force=force, resume=resume, resumable=True)
-    with staging, options.handle_signals(_raise_interrupt, (signal.SIGTERM,)), cv2_pool(workers) as pool:
+    pool_workers = 1 if streamed else workers  # streamed: the loader's workers
+    with staging, options.handle_signals(_raise_interrupt, (signal.SIGTERM,)), cv2_pool(pool_workers) as pool:
         runner = _Runner(pool, workers)
         h5_path = staging.dir / sal.H5_NAME
         start = time.perf_counter()
@@ -293,22 +318,32 @@ def run(
             with options.progress_bar(quiet) as progress:
                 bar = progress.add_task(f"saliency {used_method}", total=total, completed=done_before,
                                         info=f"{workers} worker(s)" if imported is None else "import")
-                if imported is not None:
+                write = _write_image_chunks if streamed else _write_chunks
+                if streamed:
+                    results = stream.loader(_ImageChunks(dataset, tasks, method, seed), range(len(tasks)),
+                                            workers if workers > 1 else 0, pin=False)
+                elif imported is not None:
                     results = ((key, *(a[lo:hi] for a in imported[key[0]])) for key, lo, hi in
                                (((s, c), lo, hi) for s, c, lo, hi in tasks))
                 else:
                     results = runner.map([((s, c), dataset.split(s).images[lo:hi], method, None, seed)
                                           for s, c, lo, hi in tasks])
-                processed = _write_chunks(f, tasks, results, lambda n: progress.update(bar, advance=n))
+                processed = write(f, tasks, results, lambda n: progress.update(bar, advance=n))
             elapsed = time.perf_counter() - start
-            masks_first = f[splits[0]]["mask"][:16]
-            sal_first = f[splits[0]]["saliency"][:16]
-            foreground = _foreground_fraction(f[splits[0]]["mask"], chunk)
+            if streamed:
+                images_first, sal_first, masks_first = _streamed_head(dataset.split(splits[0]), f[splits[0]],
+                                                                      method, seed)
+                foreground = _stored_foreground(f[splits[0]])
+            else:
+                images_first = dataset.split(splits[0]).images[:16]
+                masks_first = f[splits[0]]["mask"][:16]
+                sal_first = f[splits[0]]["saliency"][:16]
+                foreground = _foreground_fraction(f[splits[0]]["mask"], chunk)
 
         quality = _quality(dataset, splits, h5_path, used_method, quality_n, runner, seed, quiet)
         metrics = _run_metrics(split_info, processed, elapsed, quality, used_method, foreground)
         gt = dataset.split(splits[0]).masks
-        write_preview(staging.dir / PREVIEW_NAME, dataset.split(splits[0]).images, sal_first, masks_first,
+        write_preview(staging.dir / PREVIEW_NAME, images_first, sal_first, masks_first,
                       title=f"saliency {used_method} - {spec} ({splits[0]})", gt=gt)
         if not quiet:
             _print_quality(quality, used_method, metrics)
@@ -361,6 +396,74 @@ def _write_chunks(f: h5py.File, tasks: list[tuple], results, advance) -> int:
         processed += hi - lo
         advance(hi - lo)
     return processed
+
+
+def _streamable(split: Split) -> bool:
+    """An image folder's or prepared set's split not yet decoded: its images can stream."""
+    return split._images is None and (split._read is not None or split.files is not None)
+
+
+class _ImageChunks(torch.utils.data.Dataset):
+    """Item k: the masks of chunk tasks[k] = (split, chunk, lo, hi) of a streamed set, made in a loader
+    worker: each image decoded from its stored bytes at its own size (the pixels an in-memory decode
+    gives), then `sal.compute`. Per image (PNG bytes, height, width, foreground pixels); or a
+    RelicError's message."""
+
+    def __init__(self, dataset: Dataset, tasks: list[tuple], method: str, seed: int):
+        self.dataset, self.tasks, self.method, self.seed = dataset, tasks, method, seed
+
+    def __getitem__(self, k: int) -> tuple | str:
+        name, c, lo, hi = self.tasks[k]
+        split = self.dataset.split(name)
+        rows = []
+        try:
+            for i in range(lo, hi):
+                mask = sal.compute(_decoded(split, i)[None], self.method, seed=self.seed)[1][0]
+                rows.append((sal.encode_mask(mask), mask.shape[0], mask.shape[1], int(mask.sum())))
+        except RelicError as e:
+            return str(e)
+        return (name, c), rows
+
+
+def _decoded(split: Split, i: int) -> np.ndarray:
+    """Image i of a streamed split as RGB (H, W, 3): the bytes decoded as an in-memory load decodes them."""
+    problem, image = decode_bytes(split.encoded(i))
+    if problem:
+        name = split.files[i] if split.files is not None else f"image {i}"
+        raise RelicError(f"{problem} image {name}")
+    return image
+
+
+def _write_image_chunks(f: h5py.File, tasks: list[tuple], results, advance) -> int:
+    """The per-image layout's `_write_chunks`: each image's PNG, size and foreground count."""
+    bounds = {(s, c): (lo, hi) for s, c, lo, hi in tasks}
+    processed = 0
+    for (s, c), rows in results:
+        lo, hi = bounds[(s, int(c))]
+        pngs = np.empty(hi - lo, object)
+        pngs[:] = [np.frombuffer(png, np.uint8) for png, *_ in rows]
+        group = f[s]
+        group["mask"][lo:hi] = pngs
+        for column, key in enumerate(("height", "width", "foreground"), start=1):
+            group[key][lo:hi] = [int(row[column]) for row in rows]
+        group["done"][int(c)] = 1
+        f.flush()
+        processed += hi - lo
+        advance(hi - lo)
+    return processed
+
+
+def _streamed_head(split: Split, group: h5py.Group, method: str, seed: int, count: int = 16):
+    """The preview's first images, their saliency maps (recomputed: the per-image layout stores masks
+    only) and stored masks."""
+    images = [_decoded(split, i) for i in range(min(count, len(split)))]
+    maps = [sal.compute(image[None], method, seed=seed)[0][0] for image in images]
+    return images, maps, [sal.decode_mask(group["mask"][i]) for i in range(len(images))]
+
+
+def _stored_foreground(group: h5py.Group) -> float:
+    pixels = group["height"][()].astype(np.int64) * group["width"][()]
+    return float(group["foreground"][()].sum() / max(1, pixels.sum()))
 
 
 def _run_metrics(split_info: dict, processed: int, elapsed: float, quality: dict, used_method: str,
