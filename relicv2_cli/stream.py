@@ -116,15 +116,15 @@ def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Gener
     boxes = pixel_boxes(boxes, width, height)
     sizes = np.array([views.large_size] * L + [views.small_size] * S)
     masked = np.zeros(L, bool)
+    if mask is not None and mask.shape != (height, width):
+        raise RelicError(f"the saliency mask of {name} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                         f"{width}x{height}")
     if mask is not None and views.mask_prob > 0 and L:
         enough = bool(torch.from_numpy(mask != 0).float().mean() >= views.mask_min_area)
         masked = (torch.rand(L, generator=generator) < views.mask_prob).numpy() & enough
     pixels = decode(data, name, reduction_for(boxes, sizes) if reduce and not masked.any() else 1)
     sources = [pixels] * len(boxes)
     if masked.any():
-        if mask.shape != pixels.shape[:2]:
-            raise RelicError(f"the saliency mask of {name} is {mask.shape[1]}x{mask.shape[0]} but the image "
-                             f"is {pixels.shape[1]}x{pixels.shape[0]}")
         cut = pixels * (mask != 0)[..., None].astype(np.uint8)
         sources[:L] = [cut if m else pixels for m in masked]
     # The decoded image may be smaller: scale the boxes to it (exact for reduction 1).

@@ -75,7 +75,8 @@ def stored_masks(art, split: str = "train") -> list[np.ndarray]:
     return masks
 
 
-def test_folder_and_prepared_sets_get_one_mask_per_image_at_its_size(folder, prepared, folder_masks, tmp_path):
+def test_folder_and_prepared_sets_get_one_mask_per_image_at_its_size(folder, prepared, folder_masks,
+                                                                      tmp_path):
     for spec, art in ((f"imagefolder:{folder}", folder_masks),
                       (f"prepared:{prepared}", stage.run(f"prepared:{prepared}", workdir=tmp_path, quiet=True,
                                                          workers=2))):
@@ -178,6 +179,8 @@ def test_masked_large_crop_equals_the_mask_applied_by_hand_then_cropped(folder, 
     small_area = stream.crop_image(data, "x", cfg, stream.image_generator(0, 4, 1), mask=tiny_mask)
     assert small_area[2].tolist() == [False, False]
     assert all(np.array_equal(a, b) for a, b in zip(plain[:2], small_area[:2], strict=True))
+    with pytest.raises(RelicError, match=f"the saliency mask of x is {w}x{h - 1} but the image is {w}x{h}"):
+        stream.crop_image(data, "x", cfg, stream.image_generator(0, 4, 1), mask=mask[1:])
 
 
 def tiny(folder: Path, **changes) -> PretrainConfig:

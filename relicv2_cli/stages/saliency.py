@@ -31,7 +31,6 @@ from typing import Annotated
 import cv2
 import h5py
 import numpy as np
-import torch
 import typer
 
 from relicv2_cli import artifacts, options
@@ -403,11 +402,12 @@ def _streamable(split: Split) -> bool:
     return split._images is None and (split._read is not None or split.files is not None)
 
 
-class _ImageChunks(torch.utils.data.Dataset):
+class _ImageChunks:
     """Item k: the masks of chunk tasks[k] = (split, chunk, lo, hi) of a streamed set, made in a loader
     worker: each image decoded from its stored bytes at its own size (the pixels an in-memory decode
     gives), then `sal.compute`. Per image (PNG bytes, height, width, foreground pixels); or a
-    RelicError's message."""
+    RelicError's message. A plain class (DataLoader needs only __getitem__): the pool workers of array
+    sets import this module, and importing torch there would cost each of them seconds."""
 
     def __init__(self, dataset: Dataset, tasks: list[tuple], method: str, seed: int):
         self.dataset, self.tasks, self.method, self.seed = dataset, tasks, method, seed
