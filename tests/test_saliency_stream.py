@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from relicv2_cli import saliency as sal
 from relicv2_cli import stream
 from relicv2_cli.augment import ViewConfig, sample_boxes
-from relicv2_cli.data import load_dataset
+from relicv2_cli.data import Split, load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.stages import saliency as stage
 from relicv2_cli.stages.prepare import run as prepare
@@ -124,6 +124,7 @@ def test_interrupted_streamed_saliency_resumes_to_the_same_masks(folder, folder_
         return real(self, k)
 
     monkeypatch.setattr(stage._ImageChunks, "__getitem__", stop_at_chunk_2)
+    monkeypatch.setattr(Split, "images", property(lambda self: pytest.fail("the split was decoded whole")))
     spec = f"imagefolder:{folder}"
     with pytest.raises(KeyboardInterrupt):
         stage.run(spec, workdir=tmp_path, quiet=True, workers=1, chunk_size=4)
