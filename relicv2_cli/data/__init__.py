@@ -583,8 +583,9 @@ def decode_images(names: list[str], read: Callable[[int], bytes], image_size: in
 
 def stored_fingerprint(split: Split) -> str:
     """The fingerprint of a split's stored images, never decoding them: a prepared set's own (from its
-    shards), else the sha256 of every image's encoded bytes (length-prefixed) and the labels."""
-    if split._read is not None:
+    shards), else the sha256 of every image's encoded bytes (length-prefixed) and the labels. A split
+    fingerprinted but never decoded was fingerprinted this way (stream.encoded_fingerprints): kept."""
+    if split._read is not None or (split._fingerprint is not None and split._images is None):
         return split.fingerprint
     digest = hashlib.sha256()
     digest.update(f"encoded {len(split)}".encode())
