@@ -94,11 +94,11 @@ def prepare_inputs(
 
 def encoder_features(
     encoder: Encoder, dataset: Dataset, split: str, *, device, batch_size: int, precision: str, workdir: Path,
-    quiet: bool,
+    quiet: bool, crop_fraction: str | float = "auto", workers: int | None = None,
 ) -> FeatureSet:
     """The encoder's cached features of one split (computed once, shared with the eval stages)."""
     return split_features(encoder, dataset, split, device=device, batch_size=batch_size, precision=precision,
-                          workdir=Path(workdir), quiet=quiet)
+                          workdir=Path(workdir), quiet=quiet, crop_fraction=crop_fraction, workers=workers)
 
 
 def unique_parents(parents: list[Artifact]) -> list[Artifact]:

@@ -439,23 +439,23 @@ def center_view(
     std=IMAGENET_STD,
     crop_fraction: float = 1.0,
 ) -> torch.Tensor:
-    """Evaluation view of a uint8 batch (B, 3, H, W): normalised float (B, 3, size, size).
+    """Evaluation view of a uint8 batch (B, 3, H, W): normalised float (B, 3, size, size), the one
+    implementation of the view (in-memory batches, and each streamed image in a loader worker).
 
-    Images already size x size pass through unresized (no crop at 32 px). Otherwise the shorter side
-    is resized (antialiased bilinear) to size / crop_fraction and the centre size x size is kept;
-    crop_fraction=0.875 gives the usual ImageNet 256 -> 224 protocol, 1.0 only crops non-square images.
+    The shorter side is resized to round(size / crop_fraction) (torch's antialiased bilinear, as
+    torchvision's Resize on tensors) and the centre size x size is kept: crop_fraction 0.875 is the
+    release's 256 -> 224 protocol; 1.0 only crops non-square images. Images whose both sides already
+    have the resized length are not resampled (32 px CIFAR at 1.0 passes through as it is).
     """
     x = images.float() / 255
+    short = round(size / crop_fraction)
     h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        short = round(size / crop_fraction)
-        new_h, new_w = (
-            (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-        )
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        x = x[..., top : top + size, left : left + size].clamp(0, 1)
-    return normalize(x, mean, std)
+    if (h, w) != (short, short):
+        h, w = (short, max(short, round(w * short / h))) if h <= w else \
+            (max(short, round(h * short / w)), short)
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (h - size) // 2, (w - size) // 2
+    return normalize(x[..., top : top + size, left : left + size], mean, std)
 
 
 def epoch_batches(n: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:

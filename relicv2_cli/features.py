@@ -6,23 +6,25 @@ on the centre view of every image of one split and writes `features.h5` with
 - `labels` int64 (N,) and `indices` int64 (N,): the image's index in the split,
 - attributes `encoder`, `encoder_spec`, `digest`, `dataset`, `split` and `class_names`.
 
-The centre view: images are scaled to [0, 1] and normalised with the ImageNet mean/std (as the
-pre-training views). When the encoder knows the side it was trained at (a pretrain artifact records
-`image_size`) and the images have another size, the shorter side is resized to that size
-(antialiased bilinear) and the centre square is kept (`augment.center_view`); `random:` and
-`torchvision:` encoders see the images at their own size (use --image-size to resize the data).
+The centre view (`augment.center_view`): the shorter side resized to size / crop fraction
+(antialiased bilinear), the centre size x size kept, [0, 1] and the ImageNet mean/std (as the
+pre-training views). The size is the encoder's training size (a pretrain artifact records
+`image_size`); `random:` and `torchvision:` encoders see the images' own side, or 224 on image files
+of mixed sizes. The crop fraction is --crop-fraction: auto is 224/256 for image files, 1.0 for the
+array sets. Image folders and prepared sets (without --image-size) stream: loader workers decode
+and view a chunk of images at a time (`stream.encode_streamed`), the split is never decoded whole.
 
 Caching. The artifact name is `{encoder}-{split}-{key[:12]}` where `key` hashes the encoder's
 weights (sha256 of the pretrain backbone or torchvision file, or the random-init recipe), the
-split's content fingerprint (images and labels, limits included), the split name, the view size
-and the precision.
+split's content fingerprint (images and labels, limits included), the split name, the view size,
+the precision and the crop fraction (only when not 1.0: keys made before it existed stay valid).
 Any evaluation that needs the same features finds them under the same name and reuses them. The
 split fingerprint is used rather than the whole dataset's, so `--limit-test` does not invalidate
 the training features. On reuse the recorded encoder (via `check_parent` for a pretrain artifact),
-split fingerprint, size and precision are checked again; a mismatch (only possible when a name was
-given by hand or an artifact was replaced under the same name) is an error that names both sides,
-and `--force` recomputes and replaces the artifact. A match is always reused, even with `--force`:
-the content is a pure function of the key.
+split fingerprint, size, precision and crop fraction are checked again; a mismatch (only possible
+when a name was given by hand or an artifact was replaced under the same name) is an error that
+names both sides, and `--force` recomputes and replaces the artifact. A match is always reused,
+even with `--force`: the content is a pure function of the key.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import h5py
 import numpy as np
 import torch
 
-from relicv2_cli import options
+from relicv2_cli import options, stream
 from relicv2_cli.artifacts import Artifact, Staging, artifact_path, check_parent, load_artifact
 from relicv2_cli.augment import IMAGENET_MEAN, IMAGENET_STD
 from relicv2_cli.data import Dataset
@@ -49,6 +51,9 @@ FEATURES_FILE = "features.h5"
 
 
 SPLITS = ("train", "val", "test")
+FILE_KINDS = ("imagefolder", "images", "prepared")  # SPEC kinds of encoded image files
+AUTO_CROP_FRACTION = 224 / 256  # the release's evaluation view: resize to 256, centre 224
+DEFAULT_VIEW_SIZE = 224  # random: and torchvision: encoders on images of mixed sizes
 
 
 @dataclass
@@ -61,11 +66,37 @@ class FeatureSet:
     artifact: Artifact
 
 
-def view_size(encoder: Encoder, images: np.ndarray) -> int:
-    """The side the encoder sees: its training size when known, else the images' own side."""
+def crop_fraction_for(value: str | float, dataset: Dataset) -> float:
+    """--crop-fraction: a number in (0, 1], or auto: the release's 224/256 for image files (photos of
+    mixed sizes: imagefolder, images, prepared), 1.0 for the array sets (CIFAR, synthetic, npz,
+    Fashion-MNIST: small images seen whole, as every number measured on them so far)."""
+    if value == "auto":
+        return AUTO_CROP_FRACTION if dataset.spec.split(":", 1)[0] in FILE_KINDS else 1.0
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0 < fraction <= 1:
+        raise RelicError(f"--crop-fraction must be auto or a number in (0, 1], got {value!r}")
+    return fraction
+
+
+def view_size(encoder: Encoder, dataset: Dataset, split: str, quiet: bool = True) -> int:
+    """The side the encoder sees: its training size when known, else the images' own (shorter) side,
+    else, for a streamed split of mixed sizes, DEFAULT_VIEW_SIZE (said on stderr unless `quiet`)."""
     if encoder.image_size:
         return int(encoder.image_size)
-    return int(min(images.shape[1], images.shape[2]))
+    data = dataset.split(split)
+    if not stream.streamed(dataset, data):
+        return int(min(data.images.shape[1], data.images.shape[2]))
+    sizes = np.unique(stream.sample_sizes(data)[0], axis=0)
+    if len(sizes) == 1:
+        return int(sizes[0].min())
+    if not quiet:
+        options.console.print(f"{encoder.label} records no training size and {dataset.spec} has images of "
+                              f"mixed sizes: centre views of {DEFAULT_VIEW_SIZE} px (--image-size S resizes "
+                              "the images to S x S in memory instead)")
+    return DEFAULT_VIEW_SIZE
 
 
 def data_attributes(encoder: Encoder, dataset: Dataset, split: str) -> dict:
@@ -81,9 +112,13 @@ def data_attributes(encoder: Encoder, dataset: Dataset, split: str) -> dict:
     return attrs
 
 
-def features_key(encoder: Encoder, split_fingerprint: str, split: str, size: int, precision: str) -> str:
-    body = json.dumps({"encoder": encoder.key, "split_fingerprint": split_fingerprint, "split": split,
-                       "size": size, "precision": precision, "view": "center"}, sort_keys=True)
+def features_key(encoder: Encoder, split_fingerprint: str, split: str, size: int, precision: str,
+                 crop_fraction: float = 1.0) -> str:
+    fields = {"encoder": encoder.key, "split_fingerprint": split_fingerprint, "split": split, "size": size,
+              "precision": precision, "view": "center"}
+    if crop_fraction != 1.0:  # keys made before the option existed are 1.0's: those caches stay valid
+        fields["crop_fraction"] = crop_fraction
+    body = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -92,7 +127,7 @@ def features_name(encoder: Encoder, split: str, key: str) -> str:
 
 
 def _mismatch(art: Artifact, encoder: Encoder, split_fp: str, split: str, size: int,
-              precision: str) -> str | None:
+              precision: str, crop_fraction: float) -> str | None:
     """Why the cached artifact does not hold these features (None when it does)."""
     config = art.config
     if encoder.parent is not None:
@@ -108,9 +143,10 @@ def _mismatch(art: Artifact, encoder: Encoder, split_fp: str, split: str, size: 
         return (f"was made from other data (split {config.get('split')!r}, fingerprint "
                 f"{str(config.get('split_fingerprint'))[:12]}), not split {split!r} with fingerprint "
                 f"{split_fp[:12]}")
-    if config.get("image_size") != size or config.get("precision") != precision:
-        return (f"was made at {config.get('image_size')} px / {config.get('precision')}, "
-                f"not {size} px / {precision}")
+    made = (config.get("image_size"), config.get("precision"), config.get("crop_fraction", 1.0))
+    if made != (size, precision, crop_fraction):
+        return (f"was made at {made[0]} px / {made[1]} / crop fraction {made[2]:g}, "
+                f"not {size} px / {precision} / crop fraction {crop_fraction:g}")
     return None
 
 
@@ -126,24 +162,31 @@ def extract_features(
     force: bool = False,
     quiet: bool = False,
     name: str | None = None,
+    crop_fraction: str | float = "auto",
+    workers: int | None = None,
 ) -> Artifact:
     """The cached `features` artifact of `encoder` on `dataset`'s `split`, computed if missing.
+    Image files (without --image-size) stream: `workers` loader processes decode `batch_size` images
+    at a time (stream.encode_streamed), the split is never decoded whole.
 
     See the module docstring for the view, the cache key and the reuse checks."""
     options.check_choice("--precision", precision, options.PRECISIONS)
     options.check_choice("--split", split, SPLITS)
     if batch_size <= 0:
         raise RelicError(f"--batch-size must be positive, got {batch_size}")
+    fraction = crop_fraction_for(crop_fraction, dataset)
     data = dataset.split(split)
-    images = data.images
+    streamed = stream.streamed(dataset, data)
+    if streamed:
+        stream.encoded_fingerprints(dataset)  # the fingerprints and the manifest's record never decode
     split_fp = data.fingerprint
-    size = view_size(encoder, images)
-    key = features_key(encoder, split_fp, split, size, precision)
+    size = view_size(encoder, dataset, split, quiet)
+    key = features_key(encoder, split_fp, split, size, precision, fraction)
     name = name or features_name(encoder, split, key)
     path = artifact_path(Path(workdir), "features", name)
     if path.exists():
         cached = load_artifact(path, kind="features")
-        problem = _mismatch(cached, encoder, split_fp, split, size, precision)
+        problem = _mismatch(cached, encoder, split_fp, split, size, precision, fraction)
         if problem is None:
             cached.file(FEATURES_FILE)
             return cached
@@ -153,8 +196,10 @@ def extract_features(
     dev = device if isinstance(device, torch.device) else options.resolve_device(device)
     model = encoder.model.to(dev)
     start = time.perf_counter()
+    images = stream.StreamedImages(data, workers) if streamed else data.images
     features = embed(model, images, size=size, device=dev, precision=precision, batch_size=batch_size,
-                     quiet=quiet, description=f"features {encoder.label} {split}").numpy()
+                     quiet=quiet, description=f"features {encoder.label} {split}",
+                     crop_fraction=fraction).numpy()
     seconds = time.perf_counter() - start
     if not np.isfinite(features).all():
         raise RelicError(f"{encoder.label} produced NaN/Inf features on {dataset.spec} {split}; try "
@@ -168,7 +213,9 @@ def extract_features(
             f.attrs.update(data_attributes(encoder, dataset, split))
         config = {"encoder": encoder.record, "encoder_key": encoder.key, "encoder_label": encoder.label,
                   "split": split, "split_fingerprint": split_fp, "image_size": size,
-                  "native_size": list(images.shape[1:3]), "precision": precision, "view": "center",
+                  "crop_fraction": fraction,
+                  "native_size": "per image (streamed)" if streamed else list(images.shape[1:3]),
+                  "precision": precision, "view": "center",
                   "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "batch_size": batch_size, "key": key,
                   "count": len(features), "feature_dim": features.shape[1]}
         metrics = {"seconds": round(seconds, 2), "images_per_s": round(len(features) / max(seconds, 1e-9), 1)}
@@ -176,13 +223,19 @@ def extract_features(
                               dataset=dataset.record(), metrics=metrics)
 
 
-def embed(model, images: np.ndarray, *, size: int, device: torch.device, precision: str, batch_size: int,
-          quiet: bool, description: str) -> torch.Tensor:
-    """knn.encode_images (centre view, eval mode, autocast) under a progress bar; float32 (N, out) on
-    the CPU."""
+def embed(model, images: np.ndarray | stream.StreamedImages, *, size: int, device: torch.device,
+          precision: str, batch_size: int, quiet: bool, description: str,
+          crop_fraction: float = 1.0) -> torch.Tensor:
+    """knn.encode_images (centre view, eval mode, autocast) of an array, or stream.encode_streamed of
+    a streamed split, under a progress bar; float32 (N, out) on the CPU."""
     with options.progress_bar(quiet) as progress:
-        return encode_images(model, images, image_size=size, device=device, precision=precision,
-                             batch_size=batch_size, progress=progress, description=description).float()
+        if isinstance(images, stream.StreamedImages):  # decoded a chunk at a time in loader workers
+            encode = stream.encode_streamed
+        else:
+            encode = encode_images
+        return encode(model, images, image_size=size, device=device, precision=precision,
+                      batch_size=batch_size, progress=progress, description=description,
+                      crop_fraction=crop_fraction).float()
 
 
 def read_features(art: Artifact | str | Path) -> FeatureSet:

@@ -116,10 +116,11 @@ def finetune(
     return net, history, summary
 
 
-def evaluate_network(net: nn.Module, images: np.ndarray, labels: np.ndarray, *, num_classes: int, size: int,
-                     device: torch.device, precision: str, batch_size: int, quiet: bool) -> dict:
-    """score() of a classifier network on the centre view of `images` (BN in eval mode)."""
+def evaluate_network(net: nn.Module, images, labels: np.ndarray, *, num_classes: int, size: int,
+                     device: torch.device, precision: str, batch_size: int, quiet: bool,
+                     crop_fraction: float = 1.0) -> dict:
+    """score() of a classifier network on the centre view of `images` (an array, or a streamed split:
+    features.embed), BN in eval mode."""
     logits = embed(net, images, size=size, device=device, precision=precision, batch_size=batch_size,
-                   quiet=quiet,
-                   description="test split")
+                   quiet=quiet, description="test split", crop_fraction=crop_fraction)
     return score(logits, labels, num_classes)

@@ -30,25 +30,38 @@ def encode_images(
     batch_size: int = 512,
     progress=None,
     description: str = "embedding",
+    crop_fraction: float = 1.0,
 ) -> torch.Tensor:
     """Pooled features (N, D) float32 on CPU of uint8 images (N, H, W, 3) or (N, 3, H, W), centre
-    view, BN in eval mode. The encoder's train/eval mode is restored afterwards."""
-    was_training = encoder.training
-    encoder.eval()
+    view (augment.center_view, made on `device`), BN in eval mode."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images).permute(0, 3, 1, 2)
+    views = (center_view(images[start : start + batch_size].to(device, non_blocking=True), image_size,
+                         crop_fraction=crop_fraction) for start in range(0, len(images), batch_size))
+    return encode_views(encoder, views, len(images), device=device, precision=precision, progress=progress,
+                        description=description)
+
+
+@torch.no_grad()
+def encode_views(encoder: nn.Module, views, total: int, *, device: torch.device, precision: str = "bf16",
+                 progress=None, description: str = "embedding") -> torch.Tensor:
+    """Pooled features (N, D) float32 on CPU of batches of normalised views (B, 3, s, s) (an iterable:
+    a loader's chunks or batches cut from an array), BN in eval mode under `precision`'s autocast. The
+    encoder's train/eval mode is restored afterwards."""
+    was_training = encoder.training
+    encoder.eval()
     out = []
     task = None
     if progress is not None:
-        task = progress.add_task(description, total=len(images), info="", unit="images")
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size].to(device, non_blocking=True)
+        task = progress.add_task(description, total=total, info="", unit="images")
+    dtype = next(encoder.parameters()).dtype
+    for view in views:
+        view = view.to(device, non_blocking=True)
         with autocast(device, precision):
-            view = center_view(batch, image_size)
-            features = encoder(view.to(next(encoder.parameters()).dtype) if precision == "fp64" else view)
+            features = encoder(view.to(dtype) if precision == "fp64" else view)
         out.append(features.float().cpu())
         if task is not None:
-            progress.advance(task, len(batch))
+            progress.advance(task, len(view))
     if task is not None:
         progress.remove_task(task)
     encoder.train(was_training)

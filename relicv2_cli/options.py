@@ -70,6 +70,12 @@ ValFraction = Annotated[float,
 Metric = Annotated[str,
                    typer.Option(help="Score that chooses L2 (and the headline): top1 or mean-per-class.")]
 MaxIter = Annotated[int, typer.Option(help="L-BFGS iterations per fit.")]
+CropFraction = Annotated[str, typer.Option(
+    help="Evaluation view: shorter side resized to size / F, centre size x size kept. auto: 0.875 (224/256) "
+         "for image folders and prepared sets, 1 for array sets (CIFAR, synthetic, npz, Fashion-MNIST).")]
+Workers = Annotated[int | None, typer.Option(
+    help="Loader processes that decode image folders and prepared sets a chunk at a time (default: the "
+         "usable CPU cores less one, at most 8; 0: in this process).")]
 Normalize = Annotated[bool, typer.Option(
     "--normalize/--no-normalize",
     help="L2-normalise features before distances, so encoders of any width compare.")]

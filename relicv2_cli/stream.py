@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relicv2_cli.augment import ViewConfig, sample_boxes
-from relicv2_cli.data import Dataset, Split, stored_fingerprint, truncated_jpeg
+from relicv2_cli.augment import ViewConfig, center_view, sample_boxes
+from relicv2_cli.data import Dataset, Split, decode_bytes, stored_fingerprint, truncated_jpeg
 from relicv2_cli.errors import RelicError
+from relicv2_cli.knn import encode_views
 
 IN_MEMORY = ("auto", "yes", "no")
 MEMORY_SHARE = 0.5  # auto streams when the decoded data would take more than this share of the memory
@@ -138,18 +139,15 @@ def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Gener
     return large, small, masked
 
 
-def center_image(data: bytes, name: str, size: int) -> np.ndarray:
-    """Evaluation view as augment.center_view: the shorter side resized to `size` (`resize`),
-    the centre size x size kept; uint8 (size, size, 3)."""
-    width, height = header_size(data, name)
-    reduction = next((r for r in REDUCTIONS if min(width, height) >= r * size), 1)
-    pixels = decode(data, name, reduction)
-    h, w = pixels.shape[:2]
-    new_h, new_w = (size, max(size, round(w * size / h))) if h <= w else \
-        (max(size, round(h * size / w)), size)
-    pixels = resize(pixels, new_w, new_h)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return cv2.cvtColor(pixels[top : top + size, left : left + size], cv2.COLOR_BGR2RGB)
+def center_image(data: bytes, name: str, size: int, crop_fraction: float) -> torch.Tensor:
+    """The evaluation view (augment.center_view) of one encoded image: decoded in full as the in-memory
+    split is (data.decode_bytes), so a streamed and a decoded split give the same views; normalised
+    float (3, size, size)."""
+    problem, rgb = decode_bytes(data)
+    if problem:
+        raise RelicError(f"{problem} image {name}")
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None]
+    return center_view(pixels, size, crop_fraction=crop_fraction)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +197,8 @@ def _ignore_sigint(_worker: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, batch_size=None) -> Iterator:
+def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, batch_size=None,
+           collate=None) -> Iterator:
     """Items of `dataset` in the order of `items`, made by `workers` processes (0: in this one) two
     items ahead each; RelicError messages from the workers raised here as one line.
 
@@ -207,7 +206,7 @@ def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, ba
     cv2.setNumThreads in a worker forked from a process whose OpenCV threads run deadlocks."""
     cv2.setNumThreads(1)
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items,
-                                            num_workers=workers, pin_memory=pin,
+                                            num_workers=workers, pin_memory=pin, collate_fn=collate,
                                             prefetch_factor=2 if workers else None,
                                             worker_init_fn=_ignore_sigint if workers else None))
     try:
@@ -229,15 +228,15 @@ def step_batches(crops: StepCrops, first: int, last: int, workers: int, pin: boo
 
 
 class CenterViews(torch.utils.data.Dataset):
-    def __init__(self, split: Split, size: int):
-        self.split, self.size = split, size
+    def __init__(self, split: Split, size: int, crop_fraction: float):
+        self.split, self.size, self.crop_fraction = split, size, crop_fraction
 
     def __getitem__(self, i: int) -> torch.Tensor | str:
         try:
-            pixels = center_image(self.split.encoded(i), image_name(self.split, i), self.size)
+            data = self.split.encoded(i)
+            return center_image(data, image_name(self.split, i), self.size, self.crop_fraction)
         except RelicError as e:
             return str(e)
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 def _collate(items: list) -> torch.Tensor | str:
@@ -246,38 +245,48 @@ def _collate(items: list) -> torch.Tensor | str:
 
 
 class StreamedImages:
-    """A split's images for evaluation, rows lo..hi: len() and slicing as an array, for
+    """A split's images for evaluation, rows `rows` (default all): len() and slicing as an array, for
     `encode_streamed` (and DistContext.encode's sharding)."""
 
-    def __init__(self, split: Split, workers: int, lo: int = 0, hi: int | None = None):
-        self.split, self.workers, self.lo, self.hi = split, workers, lo, len(split) if hi is None else hi
+    def __init__(self, split: Split, workers: int | None = None, rows: np.ndarray | None = None):
+        self.split = split
+        self.workers = default_workers() if workers is None else workers
+        self.rows = np.arange(len(split)) if rows is None else np.asarray(rows)
 
     def __len__(self) -> int:
-        return self.hi - self.lo
+        return len(self.rows)
 
     def __getitem__(self, rows: slice) -> StreamedImages:
-        lo, hi, _ = rows.indices(len(self))
-        return StreamedImages(self.split, self.workers, self.lo + lo, self.lo + hi)
+        return StreamedImages(self.split, self.workers, self.rows[rows])
 
 
 def encode_streamed(encoder, images: StreamedImages, *, image_size: int, device: torch.device,
-                    precision: str = "bf16", batch_size: int = 512, progress=None) -> torch.Tensor:
-    """knn.encode_images of a streamed split: centre views of `image_size` decoded in the loader's
-    workers a batch at a time, so memory holds a few batches, never the split."""
-    from relicv2_cli.knn import encode_images
+                    precision: str = "bf16", batch_size: int = 512, progress=None,
+                    description: str = "embedding", crop_fraction: float = 1.0) -> torch.Tensor:
+    """knn.encode_images of a streamed split: each image decoded and given its centre view in the
+    loader's workers, `batch_size` images a chunk, so memory holds a few chunks, never the split."""
+    views = CenterViews(images.split, image_size, crop_fraction)
+    chunks = loader(views, images.rows.tolist(), images.workers, device.type == "cuda", batch_size=batch_size,
+                    collate=_collate)
+    return encode_views(encoder, chunks, len(images), device=device, precision=precision, progress=progress,
+                        description=description)
 
-    chunks = loader(CenterViews(images.split, image_size), range(images.lo, images.hi), images.workers,
-                    device.type == "cuda", batch_size=batch_size)
-    out = [encode_images(encoder, chunk, image_size=image_size, device=device, precision=precision,
-                         batch_size=batch_size) for chunk in _collated(chunks)]
-    return torch.cat(out) if out else torch.zeros(0)
 
-
-def _collated(chunks: Iterator) -> Iterator[torch.Tensor]:
-    for chunk in chunks:
-        if isinstance(chunk, str):
-            raise RelicError(chunk)
-        yield chunk
+def decode_rows(split: Split, rows, side: int) -> np.ndarray:
+    """uint8 (n, H, W, 3) of the given rows only (semi's labelled subset), decoded one by one: as they
+    are when they share one size, else each one's shorter side resized to `side` and its centre
+    side x side kept (augment.center_view's geometry, rounded back to uint8), so that they stack."""
+    images = []
+    for i in rows:
+        problem, rgb = decode_bytes(split.encoded(int(i)))
+        if problem:
+            raise RelicError(f"{problem} image {image_name(split, int(i))}")
+        images.append(rgb)
+    if len({image.shape for image in images}) <= 1:
+        return np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
+    squares = [center_view(torch.from_numpy(image).permute(2, 0, 1)[None], side, (0, 0, 0), (1, 1, 1))[0]
+               for image in images]
+    return (torch.stack(squares) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,22 +302,51 @@ def can_stream(split: Split) -> bool:
     return True
 
 
+def streamed(dataset: Dataset, split: Split) -> bool:
+    """Whether evaluation streams the split: it has encoded images and no --image-size asked for one
+    resized array in memory."""
+    return dataset.options.get("image_size") is None and can_stream(split)
+
+
+def sample_sizes(split: Split) -> tuple[np.ndarray, str]:
+    """((k, 2) height, width of images of an encoded split, how they were found): every stored size of
+    a prepared set, else the headers of SIZE_SAMPLE evenly spaced images."""
+    if split.sizes is not None:
+        return split.sizes, "exact"
+    n = len(split)
+    k = min(n, SIZE_SAMPLE)
+    sample = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+    sizes = [header_size(split.encoded(i), image_name(split, i))[::-1] for i in sample]
+    return np.array(sizes, np.int64), f"estimated from {len(sample)} images' sizes"
+
+
 def decoded_bytes(split: Split, image_size: int | None = None) -> tuple[float, str, bool]:
     """(bytes of the split decoded as uint8 RGB, how it was found, whether sizes differ): exact when
     decoded, resized to --image-size or prepared (sizes stored), else the mean size of SIZE_SAMPLE
     evenly spaced images' headers times the count."""
-    n = len(split)
     if split._images is not None:
         return float(split._images.nbytes), "exact", False
     if image_size is not None:
-        return 3.0 * n * image_size**2, "exact", False
-    if split.sizes is not None:  # a prepared set stores every image's size
-        return 3.0 * float(split.sizes.prod(1).sum()), "exact", len(np.unique(split.sizes, axis=0)) > 1
-    k = min(n, SIZE_SAMPLE)
-    sample = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-    sizes = [header_size(split.encoded(i), image_name(split, i)) for i in sample]
-    mean = float(np.mean([w * h for w, h in sizes]))
-    return 3.0 * n * mean, f"estimated from {len(sample)} images' sizes", len(set(sizes)) > 1
+        return 3.0 * len(split) * image_size**2, "exact", False
+    sizes, how = sample_sizes(split)
+    mixed = len(np.unique(sizes, axis=0)) > 1
+    return 3.0 * len(split) * float(sizes.prod(1).astype(float).mean()), how, mixed
+
+
+def require_in_memory(dataset: Dataset, split: Split, what: str, alternative: str) -> None:
+    """A one-line refusal when `what` would need a streamed split decoded as one array: images of
+    mixed sizes, or more than MEMORY_SHARE of the available RAM. `alternative` names what streams."""
+    if not streamed(dataset, split):
+        return
+    size, how, mixed = decoded_bytes(split)
+    gib = 2.0**30
+    if mixed:
+        raise RelicError(f"{what} trains on the split decoded in memory, and {dataset.spec} has images of "
+                         f"mixed sizes; pass --image-size S to resize them, or use {alternative} (streamed)")
+    if size > MEMORY_SHARE * available_ram():
+        raise RelicError(f"{what} trains on the split decoded in memory: ~{size / gib:.1f} GiB ({how}) > "
+                         f"{MEMORY_SHARE:.0%} of {available_ram() / gib:.1f} GiB available RAM; use "
+                         f"{alternative} (streamed)")
 
 
 def available_ram() -> float:

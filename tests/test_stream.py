@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from relicv2_cli import stream
 from relicv2_cli.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ViewConfig,
     augment,
     crop_resize,
@@ -172,9 +174,11 @@ def test_crop_boxes_follow_the_seed_and_position():
 def test_center_image_resizes_the_shorter_side_and_keeps_the_centre():
     image = np.zeros((40, 120, 3), np.uint8)
     image[:, 40:80] = 200  # the middle third, which a centre crop of the 40 x 40 squares keeps whole
-    view = stream.center_image(jpeg(image), "x", 20)
-    assert view.shape == (20, 20, 3)
-    assert abs(view.astype(float).mean() - 200) < 4
+    view = stream.center_image(jpeg(image), "x", 20, 1.0)
+    assert view.shape == (3, 20, 20)
+    std, mean = (torch.tensor(v, dtype=torch.float64)[:, None, None] for v in (IMAGENET_STD, IMAGENET_MEAN))
+    pixels = view.double() * std + mean
+    assert abs(255 * pixels.mean().item() - 200) < 4
 
 
 def test_truncated_jpeg_is_a_one_line_error_naming_the_file(tmp_path):

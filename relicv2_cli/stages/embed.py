@@ -3,10 +3,11 @@
 Unlike `eval features` (a cached artifact under WORKDIR that the evaluations share), embed writes
 one file where asked, in the format asked, and needs no labels: labels and class names are written
 when the data has them. The view is the same (features.py: centre view at the encoder's training
-size, ImageNet mean/std, BN in eval mode). Formats:
+size and crop fraction, ImageNet mean/std, BN in eval mode; image folders and prepared sets are
+decoded a chunk at a time in loader workers). Formats:
 - `h5` (default): datasets `embeddings` float32 (N, D), `indices` int64 (N,) and, when known,
   `labels` int64 (N,); attributes as features.h5 (`encoder`, `encoder_spec`, `digest`, `dataset`,
-  `split`, `class_names`) plus `image_size` and `precision`;
+  `split`, `class_names`) plus `image_size`, `crop_fraction` and `precision`;
 - `npy`: the (N, D) float32 array alone;
 - `csv`: a header `index,label,f0,...` (no `label` column without labels), one row per image;
 - `torch`: `torch.save` of {"embeddings", "indices", "labels" (when known), "metadata"},
@@ -25,12 +26,12 @@ import numpy as np
 import torch
 import typer
 
-from relicv2_cli import options
+from relicv2_cli import options, stream
 from relicv2_cli.artifacts import atomic_write_bytes
 from relicv2_cli.data import load_dataset
 from relicv2_cli.encoders import load_encoder
 from relicv2_cli.errors import RelicError
-from relicv2_cli.features import SPLITS, data_attributes, embed, view_size
+from relicv2_cli.features import SPLITS, crop_fraction_for, data_attributes, embed, view_size
 
 FORMATS = ("h5", "npy", "csv", "torch")
 SUFFIXES = {"h5": (".h5", ".hdf5"), "npy": (".npy",), "csv": (".csv",), "torch": (".pt", ".pth")}
@@ -85,6 +86,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     seed: options.Seed = 0,
     device: options.Device = "auto",
     force: options.ForceOut = False,
@@ -105,16 +108,20 @@ def command(
     enc = load_encoder(encoder, arch=arch, width=width, stem=stem, seed=seed)
     dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, image_size=image_size,
                            skip_bad=skip_bad, seed=seed)
+    fraction = crop_fraction_for(crop_fraction, dataset)
     data = dataset.split(split)
-    images = data.images
-    size = view_size(enc, images)
+    streamed = stream.streamed(dataset, data)
+    size = view_size(enc, dataset, split, quiet)
+    images = stream.StreamedImages(data, workers) if streamed else data.images
     dev = options.resolve_device(device)
     embeddings = embed(enc.model.to(dev), images, size=size, device=dev, precision=precision,
-                       batch_size=batch_size, quiet=quiet, description=f"embed {enc.label} {split}").numpy()
+                       batch_size=batch_size, quiet=quiet, description=f"embed {enc.label} {split}",
+                       crop_fraction=fraction).numpy()
     if not np.isfinite(embeddings).all():
         raise RelicError(f"{enc.label} produced NaN/Inf embeddings on {spec} {split}; try --precision fp32")
     labels = getattr(data, "labels", None)  # unlabelled data: embeddings only
-    attributes = {**data_attributes(enc, dataset, split), "image_size": size, "precision": precision}
+    attributes = {**data_attributes(enc, dataset, split), "image_size": size, "crop_fraction": fraction,
+                  "precision": precision}
     write_embeddings(out, fmt, embeddings, labels, attributes)
     if not quiet:
         options.console.print(f"{enc.label} on {spec} {split}: {embeddings.shape[0]} x {embeddings.shape[1]} "

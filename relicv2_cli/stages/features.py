@@ -34,6 +34,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = 0,
@@ -50,9 +52,11 @@ def command(
                            skip_bad=skip_bad, seed=seed)
     dataset.split(split)
     art = extract_features(enc, dataset, split, device=device, batch_size=batch_size, precision=precision,
-                           workdir=workdir, force=force, quiet=quiet, name=name)
+                           workdir=workdir, force=force, quiet=quiet, name=name, crop_fraction=crop_fraction,
+                           workers=workers)
     if not quiet:
         options.console.print(f"{enc.label} on {spec} {split}: {art.config['count']} x "
                               f"{art.config['feature_dim']} "
-                              f"features at {art.config['image_size']} px")
+                              f"features at {art.config['image_size']} px, crop fraction "
+                              f"{art.config.get('crop_fraction', 1.0):g}")
     options.finish(art.path)

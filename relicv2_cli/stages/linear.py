@@ -31,7 +31,7 @@ from relicv2_cli.artifacts import Staging
 from relicv2_cli.data import Dataset, load_dataset, require_labels
 from relicv2_cli.encoders import Encoder, load_encoder
 from relicv2_cli.errors import RelicError
-from relicv2_cli.features import split_features, view_size
+from relicv2_cli.features import crop_fraction_for, split_features, view_size
 from relicv2_cli.probe import (
     DEFAULT_L2_GRID,
     METRICS,
@@ -41,6 +41,7 @@ from relicv2_cli.probe import (
     score,
     train_linear_augmented,
 )
+from relicv2_cli.stream import require_in_memory
 
 PROTOCOLS = ("cached", "augment")
 
@@ -51,6 +52,7 @@ def run_linear(
     epochs: float = 100.0, max_steps: int | None = None, lr: float = 0.3, momentum: float = 0.9,
     crop_min_scale: float = 0.08, batch_size: int = 256, precision: str = "bf16", seed: int = 0,
     device: str = "auto", force: bool = False, quiet: bool = False, config_extra: dict | None = None,
+    crop_fraction: str = "auto", workers: int | None = None,
 ):
     """Linear evaluation of `encoder` on `dataset`; writes and returns a `linear` artifact."""
     _check_options(protocol, metric, precision, batch_size, max_iter, epochs, lr, max_steps, crop_min_scale,
@@ -59,9 +61,12 @@ def run_linear(
     workdir = Path(workdir)
     name = name or f"{encoder.slug}-{spec_slug(dataset.spec)}" + ("-augment" if protocol == "augment" else "")
     check_fresh(workdir, "linear", name, force)
+    fraction = crop_fraction_for(crop_fraction, dataset)
+    if protocol == "augment":
+        require_in_memory(dataset, dataset.train, "eval linear --protocol augment", "--protocol cached")
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
-                          quiet=quiet, force=force)
+                          quiet=quiet, force=force, crop_fraction=fraction, workers=workers)
     t0 = time.perf_counter()
     test = split_features(encoder, dataset, "test", **feature_kwargs)
     history: list[dict] = []
@@ -82,7 +87,7 @@ def run_linear(
                          "val_source": "split" if val is not None else f"held-out {val_fraction:g} of train",
                          "solver_seconds": result.seconds, "features_seconds": round(t1 - t0, 2)}
     else:
-        size = view_size(encoder, dataset.train.images)
+        size = view_size(encoder, dataset, "train")
         head, history = train_linear_augmented(
             encoder, dataset.train.images, dataset.train.labels, num_classes=dataset.num_classes, size=size,
             epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
@@ -103,7 +108,8 @@ def run_linear(
               "metric": metric, "l2_grid": grid if protocol == "cached" else None,
               "val_fraction": val_fraction, "max_iter": max_iter,
               "standardize": "mean/std of the fitting data", "seed": seed, "batch_size": batch_size,
-              "precision": precision, "device": dev.type, "num_classes": dataset.num_classes,
+              "precision": precision, "crop_fraction": fraction, "device": dev.type,
+              "num_classes": dataset.num_classes,
               "class_names": dataset.class_names, **(config_extra or {})}
     if protocol == "augment":
         config.update({"epochs": epochs, "max_steps": max_steps, "lr": lr, "momentum": momentum,
@@ -175,6 +181,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODER-DATASET, -augment for that protocol).")] = None,
@@ -198,6 +206,7 @@ def command(
                      max_steps=max_steps,
                      lr=lr, momentum=momentum, crop_min_scale=crop_min_scale, batch_size=batch_size,
                      precision=precision, seed=seed, device=device, force=force, quiet=quiet,
+                     crop_fraction=crop_fraction, workers=workers,
                      config_extra={"spec": spec, "limit_train": limit_train, "limit_test": limit_test,
                                    "image_size": image_size})
     options.finish(art.path)

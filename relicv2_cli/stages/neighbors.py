@@ -51,6 +51,7 @@ from relicv2_cli.analysis import (
 )
 from relicv2_cli.artifacts import Artifact, Staging
 from relicv2_cli.errors import RelicError
+from relicv2_cli.features import crop_fraction_for
 from relicv2_cli.knn import knn_accuracy
 
 POOLS = ("selected", "test")
@@ -192,7 +193,7 @@ def run_neighbors(
     arch: str = "resnet18", width: float = 1.0, stem: str = "cifar", batch_size: int = 256,
     precision: str = "bf16", limit_train: int | None = None, limit_test: int | None = None,
     image_size: int | None = None, workdir: Path = options.DEFAULT_WORKDIR, name: str | None = None,
-    seed: int = 0, skip_bad: bool = False,
+    seed: int = 0, skip_bad: bool = False, crop_fraction: str = "auto", workers: int | None = None,
     device: str = "auto", force: bool = False, quiet: bool = False,
 ) -> Artifact:
     """Nearest-neighbor analysis of one or more encoders on one dataset -> a `neighbors` artifact."""
@@ -214,7 +215,9 @@ def run_neighbors(
     anchor_labels = dataset.test.labels[anchors]
 
     t0 = time.perf_counter()
-    fkw = dict(device=prep.device, batch_size=batch_size, precision=precision, workdir=workdir, quiet=quiet)
+    fraction = crop_fraction_for(crop_fraction, dataset)
+    fkw = dict(device=prep.device, batch_size=batch_size, precision=precision, workdir=workdir, quiet=quiet,
+               crop_fraction=fraction, workers=workers)
     results, parents = [], []
     for encoder in prep.encoders:
         result, used = _analyse_encoder(encoder, dataset, anchors, pool=pool, k=k, normalize=normalize,
@@ -239,6 +242,7 @@ def run_neighbors(
                "notes": notes, "seconds": round(seconds, 2)}
     config = _config(prep, names, class_ids, per_class, k, pool, normalize, knn, knn_k, knn_temperature,
                      batch_size, precision, limit_train, limit_test, image_size, seed)
+    config["crop_fraction"] = fraction
     numbers = _numbers(results, names, class_ids, pool, k, normalize, anchors, anchor_labels)
     from relicv2_cli.report import neighbors_figure, save_figure
 
@@ -386,6 +390,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = 0,
@@ -400,6 +406,6 @@ def command(
                         batch_size=batch_size, precision=precision, limit_train=limit_train,
                         limit_test=limit_test,
                         image_size=image_size, workdir=workdir, name=name, seed=seed, device=device,
-                        force=force, skip_bad=skip_bad,
+                        force=force, skip_bad=skip_bad, crop_fraction=crop_fraction, workers=workers,
                         quiet=quiet)
     options.finish(art.path)

@@ -40,6 +40,7 @@ from relicv2_cli.augment import JITTERS, ViewConfig, make_views, views_from_crop
 from relicv2_cli.checkpoint import Checkpoint, nonfinite_tensors
 from relicv2_cli.data import Dataset, load_dataset, require_labels
 from relicv2_cli.errors import RelicError
+from relicv2_cli.features import crop_fraction_for
 from relicv2_cli.knn import autocast, encode_images, knn_accuracy
 from relicv2_cli.losses import at_least_fp32, byol_loss, embedding_std, multicrop_loss, relic_loss
 from relicv2_cli.models import build_network, check_network, ema_rate, ema_update, make_target
@@ -612,10 +613,10 @@ def _evaluate(run: Run, progress, encode=encode_images) -> dict:
         train_x, test_x = dataset.train.images, dataset.test.images
     else:  # decoded in chunks by the loader's workers
         train_x, test_x = (stream.StreamedImages(s, run.workers) for s in (dataset.train, dataset.test))
-    train_f = encode(run.online.encoder, train_x, image_size=size, device=dev, precision=cfg.precision,
-                     progress=progress)
-    test_f = encode(run.online.encoder, test_x, image_size=size, device=dev, precision=cfg.precision,
-                    progress=progress)
+    view = dict(image_size=size, device=dev, precision=cfg.precision, progress=progress,
+                crop_fraction=crop_fraction_for("auto", dataset))  # the view of the eval stages' default
+    train_f = encode(run.online.encoder, train_x, **view)
+    test_f = encode(run.online.encoder, test_x, **view)
     knn = knn_accuracy(train_f, dataset.train.labels, test_f, dataset.test.labels, dataset.num_classes,
                        cfg.knn_k, cfg.knn_temperature)
     with torch.no_grad():

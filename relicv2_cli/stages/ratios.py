@@ -48,6 +48,7 @@ from relicv2_cli.analysis import (
 )
 from relicv2_cli.artifacts import Artifact, Staging
 from relicv2_cli.errors import RelicError
+from relicv2_cli.features import crop_fraction_for
 
 NUMBERS_FILE = "ratios.h5"
 FIGURE_STEM = "ratios"
@@ -171,7 +172,8 @@ def run_ratios(
     width: float = 1.0, stem: str = "cifar", batch_size: int = 256, precision: str = "bf16",
     limit_train: int | None = None, limit_test: int | None = None, image_size: int | None = None,
     workdir: Path = options.DEFAULT_WORKDIR, name: str | None = None, seed: int = 0, device: str = "auto",
-    force: bool = False, quiet: bool = False, skip_bad: bool = False,
+    force: bool = False, quiet: bool = False, skip_bad: bool = False, crop_fraction: str = "auto",
+    workers: int | None = None,
 ) -> Artifact:
     """Linear discriminant ratios of one or more encoders on one dataset's test split -> `ratios` artifact."""
     check_common(batch_size, precision)
@@ -188,7 +190,9 @@ def run_ratios(
         raise RelicError(f"the test split holds {len(present)} class(es); the ratio needs at least 2 "
                          "(raise --limit-test?)")
     t0 = time.perf_counter()
-    fkw = dict(device=prep.device, batch_size=batch_size, precision=precision, workdir=workdir, quiet=quiet)
+    fraction = crop_fraction_for(crop_fraction, dataset)
+    fkw = dict(device=prep.device, batch_size=batch_size, precision=precision, workdir=workdir, quiet=quiet,
+               crop_fraction=fraction, workers=workers)
     results, parents = [], []
     for encoder in prep.encoders:
         test = encoder_features(encoder, dataset, "test", **fkw)
@@ -213,7 +217,7 @@ def run_ratios(
               "ratio": "mean inter-class distance / mean intra-class distance (self pairs excluded)",
               "distance_batch": distance_batch, "batch_size": batch_size, "precision": precision,
               "limit_train": limit_train, "limit_test": limit_test, "image_size": image_size, "seed": seed,
-              "device": prep.device.type, "class_names": names}
+              "crop_fraction": fraction, "device": prep.device.type, "class_names": names}
     from relicv2_cli.report import ratios_figure, save_figure
 
     with Staging(workdir, "ratios", prep.name, force=force) as staging:
@@ -296,6 +300,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: options.Name = None,
     seed: options.Seed = 0,
@@ -310,5 +316,5 @@ def command(
                      batch_size=batch_size, precision=precision, limit_train=limit_train,
                      limit_test=limit_test,
                      image_size=image_size, workdir=workdir, name=name, seed=seed, device=device, force=force,
-                     quiet=quiet, skip_bad=skip_bad)
+                     quiet=quiet, skip_bad=skip_bad, crop_fraction=crop_fraction, workers=workers)
     options.finish(art.path)

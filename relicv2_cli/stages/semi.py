@@ -33,7 +33,7 @@ import numpy as np
 import typer
 from safetensors.torch import save_file
 
-from relicv2_cli import options
+from relicv2_cli import options, stream
 from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging, load_artifact
 from relicv2_cli.data import Dataset, load_dataset, require_labels
@@ -46,7 +46,7 @@ from relicv2_cli.data.subsets import (
 )
 from relicv2_cli.encoders import Encoder, load_encoder
 from relicv2_cli.errors import RelicError
-from relicv2_cli.features import embed, split_features, view_size
+from relicv2_cli.features import crop_fraction_for, embed, split_features, view_size
 from relicv2_cli.finetune import BN_MODES, evaluate_network, finetune
 from relicv2_cli.probe import (
     DEFAULT_L2_GRID,
@@ -112,12 +112,17 @@ def run_semi(
     head_init: str = "probe", bn: str = "train", momentum: float = 0.9,
     crop_min_scale: float | list[float] = CROP_MIN_SCALE, val_fraction: float = 0.2, batch_size: int = 64,
     precision: str = "bf16", seed: int = 0, device: str = "auto", force: bool = False, quiet: bool = False,
-    save_weights: bool = False, config_extra: dict | None = None,
+    save_weights: bool = False, config_extra: dict | None = None, crop_fraction: str = "auto",
+    workers: int | None = None,
 ):
     epochs, lr, crop_min_scale = _as_list(epochs), _as_list(lr), _as_list(crop_min_scale)
     _check_options(precision, batch_size, epochs, lr, head_lr_scale, max_steps, crop_min_scale, head_init, bn,
                    val_fraction)
     candidates = [Recipe(e, r, c) for e, r, c in itertools.product(epochs, lr, crop_min_scale)]
+    fraction_view = crop_fraction_for(crop_fraction, dataset)
+    streamed = stream.streamed(dataset, dataset.train)
+    if streamed:
+        stream.encoded_fingerprints(dataset)  # subset checks and the manifest never decode a split
     indices, source = resolve_subset(dataset, fraction, subset, seed)
     digest = subset_digest(indices)
     workdir = Path(workdir)
@@ -127,21 +132,26 @@ def run_semi(
     check_fresh(workdir, "semi", name, force)
     dev = options.resolve_device(device)
     start = time.perf_counter()
-    images, labels = dataset.train.images[indices], dataset.train.labels[indices]
-    size = view_size(encoder, dataset.train.images)
+    size = view_size(encoder, dataset, "train", quiet)
+    # Only the labelled images are decoded (1% of ImageNet fits in memory); mixed sizes are stored as
+    # squares of the eval view's resized side, from which the crops are drawn.
+    images = stream.decode_rows(dataset.train, indices, round(size / fraction_view)) if streamed else \
+        dataset.train.images[indices]
+    labels = dataset.train.labels[indices]
     counts = per_class_counts(dataset.train.labels, indices, dataset.num_classes)
     tune = dict(num_classes=dataset.num_classes, size=size, max_steps=max_steps, batch_size=batch_size,
                 head_lr_scale=head_lr_scale, momentum=momentum, bn=bn, seed=seed, device=dev,
                 precision=precision, quiet=quiet)
     evaluate = dict(num_classes=dataset.num_classes, size=size, device=dev, precision=precision,
-                    batch_size=max(batch_size, 256), quiet=quiet)
+                    batch_size=max(batch_size, 256), quiet=quiet, crop_fraction=fraction_view)
 
     # The frozen-feature probe on the labelled images: the number fine-tuning has to beat, and the head
     # it starts from (--head-init probe).
     test = split_features(encoder, dataset, "test", device=dev, precision=precision, workdir=workdir,
-                          quiet=quiet)
+                          quiet=quiet, crop_fraction=fraction_view, workers=workers)
     feats = embed(encoder.model.to(dev), images, size=size, device=dev, precision=precision,
-                  batch_size=256, quiet=quiet, description="labelled images").numpy()
+                  batch_size=256, quiet=quiet, description="labelled images",
+                  crop_fraction=fraction_view).numpy()
     probe = frozen_probe(feats, labels, test.features, test.labels, num_classes=dataset.num_classes,
                          seed=seed)
 
@@ -165,7 +175,9 @@ def run_semi(
         encoder, images, labels, epochs=chosen.epochs, lr=chosen.lr, crop_min_scale=chosen.crop_min_scale,
         head_init=probe.model if head_init == "probe" else None, **tune,
         description=f"fine-tune {encoder.label} on {len(indices)} labels")
-    result = evaluate_network(net, dataset.test.images, dataset.test.labels, **evaluate)
+    test_images = stream.StreamedImages(dataset.test, workers) \
+        if stream.streamed(dataset, dataset.test) else dataset.test.images
+    result = evaluate_network(net, test_images, dataset.test.labels, **evaluate)
     metrics = {"top1": result["top1"], "top5": result["top5"], "mean_per_class": result["mean_per_class"],
                "per_class": dict(zip(dataset.class_names, result["per_class"], strict=True)),
                "frozen_linear_top1": probe.test["top1"], "frozen_linear_top5": probe.test["top5"],
@@ -182,7 +194,8 @@ def run_semi(
               "head_lr_scale": head_lr_scale, "head_init": head_init, "bn": bn, "momentum": momentum,
               "nesterov": True, "weight_decay": 0.0, "schedule": "cosine, no warm-up",
               "crop_min_scale": crop_min_scale, "val_fraction": val_fraction if selection else None,
-              "batch_size": batch_size, "image_size": size, "precision": precision, "seed": seed,
+              "batch_size": batch_size, "image_size": size, "crop_fraction": fraction_view,
+              "precision": precision, "seed": seed,
               "device": dev.type, "frozen_probe": {"l2_grid": DEFAULT_L2_GRID, "val_fraction": 0.2},
               "train_fingerprint": dataset.train.fingerprint, "num_classes": dataset.num_classes,
               "class_names": dataset.class_names, **(config_extra or {})}
@@ -289,6 +302,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODER-DATASET-{F*100}pct-s{SEED}, or -subset-{sha(:8)}).")] = None,
@@ -313,7 +328,7 @@ def command(
                    max_steps=max_steps, lr=lr_list, head_lr_scale=head_lr_scale, head_init=head_init, bn=bn,
                    momentum=momentum, crop_min_scale=crop_list, val_fraction=val_fraction,
                    batch_size=batch_size, precision=precision, seed=seed, device=device, force=force,
-                   quiet=quiet, save_weights=save_weights,
+                   quiet=quiet, save_weights=save_weights, crop_fraction=crop_fraction, workers=workers,
                    config_extra={"spec": spec, "limit_train": limit_train, "limit_test": limit_test,
                                  "image_size": image_size})
     options.finish(art.path)

@@ -26,13 +26,13 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from relicv2_cli import options
+from relicv2_cli import options, stream
 from relicv2_cli.analysis import check_fresh, is_dataset_spec, spec_slug
 from relicv2_cli.artifacts import Staging
 from relicv2_cli.data import SPEC_KINDS, Dataset, load_dataset, require_labels
 from relicv2_cli.encoders import Encoder, load_encoder, slugify
 from relicv2_cli.errors import RelicError
-from relicv2_cli.features import split_features, view_size
+from relicv2_cli.features import crop_fraction_for, split_features, view_size
 from relicv2_cli.finetune import evaluate_network, finetune
 from relicv2_cli.probe import (
     DEFAULT_L2_GRID,
@@ -68,7 +68,9 @@ def transfer_one(
         fit_idx, val_idx = holdout_split(train_labels, val_fraction, seed)
         val_source = f"carved {val_fraction:g} of train"
         n_val = len(val_idx)
+    fraction = crop_fraction_for(feature_kwargs["crop_fraction"], dataset)
     row = {"encoder": encoder.label, "dataset": dataset.spec, "fingerprint": dataset.fingerprint,
+           "crop_fraction": fraction,
            "n_train": len(dataset.train) - (0 if dataset.val is not None else n_val), "n_val": n_val,
            "n_test": len(dataset.test), "val_source": val_source, "refit": "train+val"}
     t0 = time.perf_counter()
@@ -95,16 +97,18 @@ def transfer_one(
         if dataset.val is not None:
             images = np.concatenate([images, dataset.val.images])
             labels = np.concatenate([labels, dataset.val.labels])
-        size = view_size(encoder, images)
+        size = view_size(encoder, dataset, "train")
         dev = feature_kwargs["device"]
         net, _history, summary = finetune(encoder, images, labels, num_classes=dataset.num_classes, size=size,
                                           device=dev, precision=feature_kwargs["precision"], quiet=quiet,
                                           description=f"fine-tune {encoder.label} on {dataset.spec}",
                                           **finetune_opts)
-        scores = evaluate_network(net, dataset.test.images, dataset.test.labels,
-                                  num_classes=dataset.num_classes,
+        test_images = stream.StreamedImages(dataset.test, feature_kwargs["workers"]) \
+            if stream.streamed(dataset, dataset.test) else dataset.test.images
+        scores = evaluate_network(net, test_images, dataset.test.labels, num_classes=dataset.num_classes,
                                   size=size, device=dev, precision=feature_kwargs["precision"],
-                                  batch_size=feature_kwargs["batch_size"], quiet=quiet)
+                                  batch_size=feature_kwargs["batch_size"], quiet=quiet,
+                                  crop_fraction=fraction)
         row.update({"mode": "finetune", "refit_count": len(labels), **summary, **_scores(scores, metric)})
         used = []
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -123,6 +127,7 @@ def run_transfer(
     precision: str = "bf16", limit_train: int | None = None, limit_test: int | None = None,
     image_size: int | None = None, skip_bad: bool = False, seed: int = 0, device: str = "auto",
     force: bool = False, quiet: bool = False, command_config: dict | None = None,
+    crop_fraction: str = "auto", workers: int | None = None,
 ):
     options.check_choice("--metric", metric, METRICS)
     options.check_choice("--precision", precision, options.PRECISIONS)
@@ -140,12 +145,20 @@ def run_transfer(
     datasets = [load_dataset(s, **data_options) for s in specs]
     for dataset in datasets:
         require_labels(dataset, "eval transfer")
+        crop_fraction_for(crop_fraction, dataset)
+        if finetune_mode:
+            for split in (dataset.train, dataset.val):
+                if split is not None:
+                    stream.require_in_memory(dataset, split, "eval transfer --finetune",
+                                             "eval transfer without --finetune")
+        if stream.streamed(dataset, dataset.train):
+            stream.encoded_fingerprints(dataset)  # the rows and the manifest never decode a split
     workdir = Path(workdir)
     name = name or _default_name(encoders, specs, finetune_mode)
     check_fresh(workdir, "transfer", name, force)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
-                          quiet=quiet, force=force)
+                          quiet=quiet, force=force, crop_fraction=crop_fraction, workers=workers)
     rows, parents = [], []
     for encoder in encoders:
         if encoder.parent is not None:
@@ -168,7 +181,7 @@ def run_transfer(
               "refit": "train+val", "finetune": finetune_opts if finetune_mode else None,
               "batch_size": batch_size,
               "precision": precision, "limit_train": limit_train, "limit_test": limit_test,
-              "image_size": image_size,
+              "image_size": image_size, "crop_fraction": crop_fraction,
               "seed": seed, "device": dev.type, **(command_config or {})}
     unique_parents = list({p.path.resolve(): p for p in parents}.values())
     with Staging(workdir, "transfer", name, force=force) as staging:
@@ -238,6 +251,8 @@ def command(
     limit_test: options.LimitTest = None,
     image_size: options.ImageSize = None,
     skip_bad: options.SkipBad = False,
+    crop_fraction: options.CropFraction = "auto",
+    workers: options.Workers = None,
     workdir: options.Workdir = options.DEFAULT_WORKDIR,
     name: Annotated[str | None, typer.Option(
         help="Artifact name (default: ENCODERS-DATASETS joined by +).")] = None,
@@ -268,5 +283,6 @@ def command(
                        val_fraction=val_fraction, max_iter=max_iter, finetune_mode=finetune_mode,
                        finetune_opts=finetune_opts, batch_size=batch_size, precision=precision,
                        limit_train=limit_train, limit_test=limit_test, image_size=image_size,
-                       skip_bad=skip_bad, seed=seed, device=device, force=force, quiet=quiet)
+                       skip_bad=skip_bad, seed=seed, device=device, force=force, quiet=quiet,
+                       crop_fraction=crop_fraction, workers=workers)
     options.finish(art.path)

@@ -1,0 +1,301 @@
+"""Streamed evaluation (issue 13, item 4): image folders and prepared sets are decoded a chunk at a
+time and given the release's centre view (shorter side to size / crop fraction, centre crop), never
+decoded whole; array sets keep the view and the cache names they had."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+
+from relicv2_cli import stream
+from relicv2_cli.artifacts import load_artifact
+from relicv2_cli.augment import IMAGENET_MEAN, IMAGENET_STD, center_view, normalize
+from relicv2_cli.data import Split, decode_bytes, load_dataset
+from relicv2_cli.encoders import load_encoder
+from relicv2_cli.errors import RelicError
+from relicv2_cli.features import extract_features, features_key, features_name, read_features
+from relicv2_cli.knn import encode_images
+from relicv2_cli.stages.prepare import run as prepare
+
+# (height, width): both orientations, squares, 20-60 px
+SIZES = [(40, 60), (60, 30), (33, 33), (20, 50), (24, 40), (50, 22), (36, 48), (58, 58)]
+TINY = ["--arch", "resnet18", "--width", "0.25", "--stem", "imagenet", "--precision", "fp32",
+        "--workers", "0"]
+
+
+def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
+    """A gradient with a disc (BGR): JPEG keeps such images close, unlike noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([x * 200 / w, y * 200 / h, np.full((h, w), rng.integers(0, 200))], -1).astype(np.uint8)
+    cv2.circle(image, (w // 2, h // 2), min(h, w) // 4, tuple(int(v) for v in rng.integers(0, 255, 3)), -1)
+    return image
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """train/ (8 per class) + val/ (4 per class), classes cat and dog, JPEGs of mixed sizes."""
+    root = tmp_path_factory.mktemp("eval-stream") / "photos"
+    seed = 0
+    for split, n in (("train", 8), ("val", 4)):
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                image = smooth_image(*SIZES[(i + 3 * c) % 8], seed)
+                cv2.imwrite(str(root / split / name / f"{i}.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                seed += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared_photos(photos) -> Path:
+    """The same folder after `data prepare --max-side 0` (sizes kept; JPEG re-encoded at quality 95)."""
+    return prepare(f"imagefolder:{photos}", workdir=photos.parent / "runs", max_side=0, workers=1,
+                   quiet=True).path
+
+
+@pytest.fixture
+def no_whole_split(monkeypatch):
+    """Decoding a whole split (Split.images) fails the test."""
+    def whole(self):
+        raise AssertionError("a streamed path decoded the whole split")
+
+    monkeypatch.setattr(Split, "images", property(whole))
+
+
+def fp64_encoder(seed: int = 0):
+    encoder = load_encoder("random:resnet18", width=0.25, stem="imagenet", seed=seed)
+    encoder.model.double()
+    return encoder
+
+
+def decoded(split: Split, i: int) -> np.ndarray:
+    return decode_bytes(split.encoded(i))[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The view
+
+
+def test_center_view_resizes_the_shorter_side_then_crops_the_centre_by_hand():
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (1, 3, 30, 50), dtype=np.uint8))
+    view = center_view(image, 16, crop_fraction=0.8)
+    # By hand: shorter side 30 -> round(16 / 0.8) = 20, longer 50 -> round(50 * 20 / 30) = 33;
+    # crop offsets top (20 - 16) // 2 = 2, left (33 - 16) // 2 = 8.
+    resized = F.interpolate(image.double() / 255, size=(20, 33), mode="bilinear", align_corners=False,
+                            antialias=True)
+    expected = normalize(resized[..., 2:18, 8:24].clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
+    assert view.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(view.double(), expected, rtol=0, atol=1e-5)
+    # torchvision's Resize(20) + CenterCrop(16) on the same tensor: the same view.
+    theirs = TF.center_crop(TF.resize(image.float() / 255, 20, antialias=True), 16).clamp(0, 1)
+    torch.testing.assert_close(view.double(), normalize(theirs, IMAGENET_MEAN, IMAGENET_STD).double(), rtol=0,
+                               atol=1e-5)
+
+
+def test_a_square_image_at_the_resized_side_is_only_cropped():
+    image = torch.arange(3 * 20 * 20).remainder(256).to(torch.uint8).reshape(1, 3, 20, 20)
+    view = center_view(image, 16, crop_fraction=0.8)  # 16 / 0.8 = 20: no resampling, rows/columns 2..17
+    assert torch.equal(view, normalize(image[..., 2:18, 2:18].float() / 255, IMAGENET_MEAN, IMAGENET_STD))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Array sets: the same features and the same cache names as before the crop fraction existed
+
+
+def test_array_sets_keep_their_features_and_cache_names(tmp_path):
+    dataset = load_dataset("synthetic", limit_train=8, limit_test=6, image_size=24)
+    encoder = load_encoder("random:resnet18", width=0.25, seed=0)
+    art = extract_features(encoder, dataset, "test", workdir=tmp_path, precision="fp32", device="cpu",
+                           quiet=True)
+    assert art.config["crop_fraction"] == 1.0 and art.config["image_size"] == 24
+    # The name of the key as it was computed before --crop-fraction: cached features stay valid.
+    old = {"encoder": encoder.key, "split_fingerprint": dataset.test.fingerprint, "split": "test", "size": 24,
+           "precision": "fp32", "view": "center"}
+    old_body = json.dumps(old, sort_keys=True)
+    assert art.path.name == features_name(encoder, "test", hashlib.sha256(old_body.encode()).hexdigest())
+    # The old view of 24 px images at the encoder's own 24 px: [0, 1] and ImageNet mean/std, no resize.
+    x = torch.from_numpy(dataset.test.images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expected = encoder.model.eval()(normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    assert np.array_equal(read_features(art).features, expected.numpy())
+
+
+def test_crop_fraction_enters_the_cache_key_and_is_checked(tmp_path, cli, photos):
+    encoder = load_encoder("random:resnet18", width=0.25, seed=0)
+    keys = {f: features_key(encoder, "fp", "test", 32, "bf16", f) for f in (1.0, 0.875, 0.5)}
+    assert len(set(keys.values())) == 3
+    common = ["eval", "features", "random:resnet18", f"imagefolder:{photos}", "--split", "test",
+              "--workdir", tmp_path, *TINY]
+    auto = cli(*common)
+    half = cli(*common, "--crop-fraction", "0.5")
+    assert auto.code == half.code == 0, auto.err + half.err
+    assert auto.last_line != half.last_line
+    assert load_artifact(auto.last_line).config["crop_fraction"] == 0.875
+    assert load_artifact(half.last_line).config["crop_fraction"] == 0.5
+    # A name given by hand that holds the other crop fraction is refused, naming both.
+    cli(*common, "--name", "mine")
+    other = cli(*common, "--name", "mine", "--crop-fraction", "0.5")
+    assert other.code == 2 and "crop fraction 0.875, not 224 px / fp32 / crop fraction 0.5" in other.err
+    for bad in ("0", "1.5", "wide"):
+        result = cli(*common, "--crop-fraction", bad)
+        assert result.code == 2
+        assert f"--crop-fraction must be auto or a number in (0, 1], got '{bad}'" in result.err
+        assert len(result.err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streamed features: the same as the decoded images' in memory, whatever the chunk
+
+
+def test_streamed_views_and_features_equal_the_in_memory_ones(photos):
+    split = load_dataset(f"imagefolder:{photos}").train
+    encoder = fp64_encoder()
+    views = stream.CenterViews(split, 16, 0.875)
+    streamed = stream.encode_streamed(encoder.model, stream.StreamedImages(split, workers=0), image_size=16,
+                                      device=torch.device("cpu"), precision="fp64", batch_size=5,
+                                      crop_fraction=0.875)
+    for i in range(len(split)):
+        image = decoded(split, i)  # the in-memory path, one image at a time (the sizes differ)
+        in_memory = torch.from_numpy(image).permute(2, 0, 1)[None]
+        assert torch.equal(views[i], center_view(in_memory, 16, crop_fraction=0.875)[0])
+        features = encode_images(encoder.model, image[None], image_size=16, device=torch.device("cpu"),
+                                 precision="fp64", crop_fraction=0.875)
+        torch.testing.assert_close(streamed[i].double(), features[0].double(), rtol=0, atol=1e-6)
+
+
+def test_chunks_smaller_than_the_split_give_the_same_features(photos):
+    split = load_dataset(f"imagefolder:{photos}").train
+    encoder = fp64_encoder()
+
+    def features(batch_size: int, workers: int) -> torch.Tensor:
+        return stream.encode_streamed(encoder.model, stream.StreamedImages(split, workers=workers),
+                                      image_size=20, device=torch.device("cpu"), precision="fp64",
+                                      batch_size=batch_size, crop_fraction=0.875)
+
+    one_chunk = features(64, 0)
+    assert one_chunk.shape == (16, encoder.feature_dim)
+    torch.testing.assert_close(features(3, 2), one_chunk, rtol=0, atol=1e-6)  # 6 chunks, 2 loader workers
+
+
+def test_a_bad_image_is_a_one_line_error_naming_it(tmp_path, photos):
+    root = shutil.copytree(photos, tmp_path / "photos")
+    bad = root / "train" / "dog" / "2.jpg"
+    bad.write_bytes(bad.read_bytes()[:-100])  # the end of the scan and the end-of-image marker lost
+    split = load_dataset(f"imagefolder:{root}").train
+    with pytest.raises(RelicError, match=f"^truncated image {bad}$"):
+        stream.encode_streamed(load_encoder("random:resnet18", width=0.25).model,
+                               stream.StreamedImages(split, workers=0), image_size=16,
+                               device=torch.device("cpu"), precision="fp32")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The commands: no --image-size, never the whole split decoded
+
+
+def test_features_of_the_folder_and_its_prepared_copy_agree(tmp_path, cli, photos, prepared_photos,
+                                                            no_whole_split):
+    paths = {}
+    for spec in (f"imagefolder:{photos}", f"prepared:{prepared_photos}"):
+        result = cli("eval", "features", "random:resnet18", spec, "--split", "test", "--workdir", tmp_path,
+                     *TINY)
+        assert result.code == 0, result.err
+        assert "mixed sizes: centre views of 224 px" in result.err
+        paths[spec] = result.last_line
+    folder, prepared = (read_features(p) for p in paths.values())
+    config = load_artifact(paths[f"prepared:{prepared_photos}"]).config
+    assert config["image_size"] == 224 and config["crop_fraction"] == 0.875
+    assert np.array_equal(folder.labels, prepared.labels)
+    # prepared re-encodes each JPEG (quality 95): close, not equal
+    cosine = (folder.features * prepared.features).sum(1) / np.linalg.norm(folder.features, axis=1) / \
+        np.linalg.norm(prepared.features, axis=1)
+    assert cosine.min() > 0.99
+    other = read_features(cli("eval", "features", "random:resnet18", f"imagefolder:{photos}", "--split",
+                              "test", "--workdir", tmp_path, *TINY, "--seed", "1").last_line)
+    assert np.abs(other.features - folder.features).max() > 10 * np.abs(prepared.features -
+                                                                        folder.features).max()
+
+
+def test_linear_neighbors_ratios_and_embed_stream(tmp_path, cli, photos, prepared_photos, no_whole_split):
+    for spec in (f"imagefolder:{photos}", f"prepared:{prepared_photos}"):
+        linear = cli("eval", "linear", "random:resnet18", spec, "--workdir", tmp_path, *TINY,
+                     "--max-iter", "20", "--l2-grid", "1e-3,1e-1")
+        assert linear.code == 0, linear.err
+        art = load_artifact(linear.last_line)
+        assert art.manifest["metrics"]["top1"] >= 0 and art.config["crop_fraction"] == 0.875
+        assert art.manifest["dataset"]["test_count"] == 8
+        neighbors = cli("analyze", "neighbors", "random:resnet18", spec, "--workdir", tmp_path, *TINY,
+                        "--per-class", "2", "--k", "2")
+        assert neighbors.code == 0, neighbors.err
+        assert load_artifact(neighbors.last_line).config["crop_fraction"] == 0.875
+        ratios = cli("analyze", "ratios", "random:resnet18", spec, "--workdir", tmp_path, *TINY)
+        assert ratios.code == 0, ratios.err
+    out = tmp_path / "test.h5"
+    embedded = cli("embed", "random:resnet18", f"prepared:{prepared_photos}", "--split", "test", "--out", out,
+                   *TINY)
+    assert embedded.code == 0, embedded.err
+    with h5py.File(out) as f:
+        assert f.attrs["crop_fraction"] == 0.875 and f.attrs["image_size"] == 224
+        embeddings = f["embeddings"][...]
+    test_features = [p for p in load_artifact(linear.last_line).manifest["parents"]
+                     if p["kind"] == "features" and "-test-" in Path(p["path"]).name]
+    assert np.array_equal(embeddings, read_features(test_features[0]["path"]).features)
+
+
+def test_semi_decodes_only_its_labelled_images(tmp_path, cli, photos, monkeypatch, no_whole_split):
+    rows = []
+    real = stream.decode_rows
+
+    def counted(split, indices, side):
+        rows.extend(int(i) for i in indices)
+        return real(split, indices, side)
+
+    monkeypatch.setattr(stream, "decode_rows", counted)
+    result = cli("eval", "semi", "random:resnet18", f"imagefolder:{photos}", "--fraction", "0.25",
+                 "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--workdir", tmp_path, *TINY)
+    assert result.code == 0, result.err
+    art = load_artifact(result.last_line)
+    subset = [int(line) for line in art.file("subset.txt").read_text().split() if not line.startswith("#")]
+    assert sorted(rows) == subset and len(subset) == 4  # 2 of 8 per class
+    assert art.config["crop_fraction"] == 0.875 and art.config["image_size"] == 224
+
+
+def test_stream_decode_rows_squares_mixed_sizes_at_the_view_side(photos):
+    split = load_dataset(f"imagefolder:{photos}").train
+    images = stream.decode_rows(split, [0, 1], 20)
+    assert images.shape == (2, 20, 20, 3) and images.dtype == np.uint8
+    # image 0 (40 x 60): shorter side 40 -> 20, longer 60 -> 30, centre columns 5..24
+    source = torch.from_numpy(decoded(split, 0)).permute(2, 0, 1)[None].double() / 255
+    expected = F.interpolate(source, size=(20, 30), mode="bilinear", align_corners=False, antialias=True)
+    expected = (expected[0, :, :, 5:25].clamp(0, 1) * 255).round().permute(1, 2, 0).numpy()
+    assert np.abs(images[0].astype(float) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("command", [["eval", "linear", "--protocol", "augment"],
+                                     ["eval", "transfer", "--finetune"]])
+def test_fine_tuning_on_mixed_sizes_is_refused_naming_the_streamed_protocol(tmp_path, cli, photos, command):
+    stage, *flags = command[1:]
+    result = cli(command[0], stage, "random:resnet18", f"imagefolder:{photos}", *flags, "--workdir", tmp_path,
+                 *TINY)
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "has images of mixed sizes; pass --image-size S to resize them, or use" in result.err
+    alternative = "--protocol cached" if stage == "linear" else "eval transfer without --finetune"
+    assert f"{alternative} (streamed)" in result.err
+    assert not list(tmp_path.glob("*/*"))  # nothing written
+
+
+def test_image_size_keeps_the_in_memory_path(tmp_path, photos):
+    dataset = load_dataset(f"imagefolder:{photos}", image_size=24)
+    assert not stream.streamed(dataset, dataset.test)
+    art = extract_features(load_encoder("random:resnet18", width=0.25, stem="imagenet"), dataset, "test",
+                           workdir=tmp_path, precision="fp32", device="cpu", quiet=True, workers=0)
+    assert art.config["native_size"] == [24, 24] and art.config["crop_fraction"] == 0.875
