@@ -239,6 +239,10 @@ def test_linear_neighbors_ratios_and_embed_stream(tmp_path, cli, photos, prepare
         assert load_artifact(neighbors.last_line).config["crop_fraction"] == 0.875
         ratios = cli("analyze", "ratios", "random:resnet18", spec, "--workdir", tmp_path, *TINY)
         assert ratios.code == 0, ratios.err
+        transfer = cli("eval", "transfer", "random:resnet18", spec, "--workdir", tmp_path, *TINY,
+                       "--max-iter", "20", "--l2-grid", "1e-3,1e-1")
+        assert transfer.code == 0, transfer.err
+        assert load_artifact(transfer.last_line).manifest["metrics"]["rows"][0]["crop_fraction"] == 0.875
     out = tmp_path / "test.h5"
     embedded = cli("embed", "random:resnet18", f"prepared:{prepared_photos}", "--split", "test", "--out", out,
                    *TINY)
@@ -266,7 +270,7 @@ def test_semi_decodes_only_its_labelled_images(tmp_path, cli, photos, monkeypatc
     art = load_artifact(result.last_line)
     subset = [int(line) for line in art.file("subset.txt").read_text().split() if not line.startswith("#")]
     assert sorted(rows) == subset and len(subset) == 4  # 2 of 8 per class
-    assert art.config["crop_fraction"] == 0.875 and art.config["image_size"] == 224
+    assert art.config["crop_fraction"] == 0.875
 
 
 def test_stream_decode_rows_squares_mixed_sizes_at_the_view_side(photos):
