@@ -228,6 +228,9 @@ def step_batches(crops: StepCrops, first: int, last: int, workers: int, pin: boo
 
 
 class CenterViews(torch.utils.data.Dataset):
+    """Item i: the centre view of image i, or the message of a bad image (--skip-bad needs the whole
+    listing checked before the first chunk, so streamed evaluation skips nothing: it names the way)."""
+
     def __init__(self, split: Split, size: int, crop_fraction: float):
         self.split, self.size, self.crop_fraction = split, size, crop_fraction
 
@@ -236,7 +239,8 @@ class CenterViews(torch.utils.data.Dataset):
             data = self.split.encoded(i)
             return center_image(data, image_name(self.split, i), self.size, self.crop_fraction)
         except RelicError as e:
-            return str(e)
+            return (f"{e} (streamed evaluation skips no image: relicv2 data prepare --skip-bad writes a set "
+                    "without it)")
 
 
 def _collate(items: list) -> torch.Tensor | str:
