@@ -190,11 +190,14 @@ def _view_major(crops: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(crops).permute(1, 0, 4, 2, 3).reshape(v * b, 3, s, s).contiguous()
 
 
-def _ignore_sigint(_worker: int) -> None:
-    """Ctrl-C reaches the whole process group: the workers leave it to the training process, which
-    finishes its step, checkpoints and then ends them. SIGTERM keeps its default: Python's exit ends
-    leftover workers with it."""
+def _ignore_stop_signals(_worker: int) -> None:
+    """Ctrl-C, a scheduler's SIGTERM and `kill -- -PGID` reach the whole process group: the workers
+    leave them to the training process, which finishes its step (it may need more steps' crops: under
+    torchrun it votes on log steps only), checkpoints and then ends the workers through the loader.
+    A worker whose training process died without doing so ends on its own: the loader's watchdog
+    checks the parent every few seconds."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, batch_size=None,
@@ -208,7 +211,7 @@ def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, ba
     data = iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=items,
                                             num_workers=workers, pin_memory=pin, collate_fn=collate,
                                             prefetch_factor=2 if workers else None,
-                                            worker_init_fn=_ignore_sigint if workers else None))
+                                            worker_init_fn=_ignore_stop_signals if workers else None))
     try:
         for item in data:
             if isinstance(item, str):

@@ -4,6 +4,8 @@ exact resume, independence of --workers, one-line errors; make_views unchanged f
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -309,3 +311,59 @@ def test_auto_streams_mixed_sizes_and_keeps_small_uniform_data_in_memory(folder,
 def test_streamed_runs_refuse_image_size(folder, tmp_path):
     with pytest.raises(RelicError, match="--image-size resizes the split decoded in memory"):
         run_pretrain(tiny(folder, image_size=16, max_steps=1), workdir=tmp_path, quiet=True)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (zombies left out)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_resume_continues(folder, tmp_path):
+    # A scheduler (or `kill -- -PGID`) signals every process of the group, the loader's workers
+    # included: they must leave it to the training process, which stops at a step boundary,
+    # checkpoints, ends its workers and exits 143.
+    settings = dict(epochs=50.0, workers=2)  # 200 steps: far more than it runs before the signal
+    script = ("import sys, typer\nsys.path.insert(0, sys.argv[1])\n"
+              "from test_stream import tiny, run_pretrain\nfrom pathlib import Path\n"
+              "try: run_pretrain(tiny(Path(sys.argv[2]), epochs=50.0, workers=2), workdir=Path(sys.argv[3]), "
+              "name='cut', quiet=True)\n"
+              "except typer.Exit as stop: sys.exit(stop.exit_code)")
+    args = [sys.executable, "-c", script, str(Path(__file__).parent), str(folder), str(tmp_path)]
+    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "pretrain" / ".cut.partial" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.read_text().strip()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no step logged"
+            time.sleep(0.05)
+        assert len(group_members(proc.pid)) == 3  # the training process and its 2 workers
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "stopped by SIGTERM" in proc.stderr.read()
+    deadline = time.monotonic() + 30  # nothing of the group is left (the workers ended with the loop)
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(proc.pid) == []
+    stopped = torch.load(log.parent / "checkpoint.pt", weights_only=True)["step"]
+    assert 1 <= stopped < 200
+    resumed = run_pretrain(tiny(folder, **settings, max_steps=stopped + 2), workdir=tmp_path, name="cut",
+                           resume=True, quiet=True)
+    whole = run_pretrain(tiny(folder, epochs=50.0, max_steps=stopped + 2), workdir=tmp_path, name="whole",
+                         quiet=True)
+    a, b = backbone(whole), backbone(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
