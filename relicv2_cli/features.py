@@ -177,8 +177,6 @@ def extract_features(
     fraction = crop_fraction_for(crop_fraction, dataset)
     data = dataset.split(split)
     streamed = stream.streamed(dataset, data)
-    if streamed:
-        stream.encoded_fingerprints(dataset)  # the fingerprints and the manifest's record never decode
     split_fp = data.fingerprint
     size = view_size(encoder, dataset, split, quiet)
     key = features_key(encoder, split_fp, split, size, precision, fraction)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from relicv2_cli.augment import ViewConfig, center_view, sample_boxes
-from relicv2_cli.data import Dataset, Split, decode_bytes, stored_fingerprint, truncated_jpeg
+from relicv2_cli.data import Dataset, Split, decode_bytes, truncated_jpeg
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import encode_views
 
@@ -399,12 +399,3 @@ def choose(mode: str, dataset: Dataset, device: torch.device,
                           f"{free / gib:.1f} GiB free GPU memory")
     return False, (f"decoded data ~{host / gib:.2f} GiB ({how}) <= {MEMORY_SHARE:.0%} of {ram / gib:.1f} GiB "
                    "available RAM" + (" and of free GPU memory" if device.type == "cuda" else ""))
-
-
-def encoded_fingerprints(dataset: Dataset) -> None:
-    """Fingerprint each split not yet fingerprinted from its stored bytes (data.stored_fingerprint:
-    reading, not decoding, every file), so that the manifest's dataset record never decodes a
-    streamed split."""
-    for split in (dataset.train, dataset.val, dataset.test):
-        if split is not None and split._fingerprint is None and split._images is None:
-            split._fingerprint = stored_fingerprint(split)

@@ -65,8 +65,10 @@ def test_prepare_then_load_gives_labels_names_sizes_and_pixels(tmp_path):
             assert np.abs(stored.astype(float) - expected).mean() < 3, file  # JPEG at quality 95
     # Examples by hand: 40x60 -> 24x36, 60x30 -> 48x24, 20x50 stays.
     assert [tuple(s) for s in dataset.train.sizes[:4]] == [(24, 36), (48, 24), (24, 24), (20, 50)]
-    images = load_dataset(f"prepared:{art.path}", image_size=16).train.images
-    assert images.shape == (16, 16, 16, 3)
+    squares = load_dataset(f"prepared:{art.path}", image_size=16).train
+    assert squares.images.shape == (16, 16, 16, 3)
+    # squares are other pixels than the stored images (which streamed runs crop): another fingerprint
+    assert squares.fingerprint != dataset.train.fingerprint
 
 
 def test_max_side_zero_keeps_sizes_and_limits_are_balanced(tmp_path):
@@ -229,7 +231,7 @@ def test_stages_read_a_prepared_set(tmp_path, cli):
                  "0.25", "--device", "cpu", "--workdir", tmp_path / "runs", "--l2-grid", "1e-2", "--quiet")
     assert result.code == 0, result.err
     manifest = json.loads((Path(result.last_line) / "manifest.json").read_text())
-    prepared_set = load_dataset(f"prepared:{art.path}")
+    prepared_set = load_dataset(f"prepared:{art.path}", image_size=16)  # the fingerprint names the size
     assert manifest["dataset"]["test_count"] == 8 and len(manifest["metrics"]["per_class"]) == 2
     assert manifest["dataset"]["split_fingerprints"]["test"] == prepared_set.test.fingerprint
     info = cli("data", "info", f"prepared:{art.path}")

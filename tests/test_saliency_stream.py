@@ -142,7 +142,6 @@ def test_masks_of_other_data_are_refused_naming_both_fingerprints(folder, folder
     first = other / "cat" / "00.jpg"
     cv2.imwrite(str(first), 255 - cv2.imread(str(first)))  # same count, one image differs
     data = load_dataset(f"imagefolder:{other}")
-    stream.encoded_fingerprints(data)
     ours = folder_masks.manifest["config"]["splits"]["train"]["fingerprint"]
     with pytest.raises(RelicError) as error:
         run_pretrain(tiny(other, saliency=str(folder_masks.path), max_steps=1), workdir=tmp_path, quiet=True)

@@ -1,6 +1,7 @@
 """Streamed pretraining (relicv2_cli/stream.py): crops made in loader workers from encoded images,
 exact resume, independence of --workers, one-line errors; make_views unchanged for in-memory runs."""
 
+import hashlib
 import json
 import os
 import signal
@@ -367,3 +368,27 @@ def test_sigterm_to_the_process_group_checkpoints_and_resume_continues(folder, t
                          quiet=True)
     a, b = backbone(whole), backbone(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_has_one_fingerprint_streamed_or_in_memory(tmp_path):
+    root = tmp_path / "same"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            cv2.imwrite(str(root / c / f"{i}.jpg"), np.full((16, 16, 3), 30 * i + 100 * (c == "b"), np.uint8))
+    # by hand: count and decode settings, each file's length and bytes, the labels
+    train = load_dataset(f"imagefolder:{root}").train
+    digest = hashlib.sha256(f"encoded {len(train)} image_size=None".encode())
+    for name in train.files:
+        data = Path(name).read_bytes()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    digest.update(train.labels.astype(np.int64).tobytes())
+    assert train.fingerprint == digest.hexdigest() and train._images is None  # nothing decoded
+    runs = {mode: run_pretrain(tiny(root, in_memory=mode, max_steps=1, batch_size=4, n_negatives=2),
+                               workdir=tmp_path, name=mode, quiet=True) for mode in ("yes", "no")}
+    assert runs["yes"].config["streamed"] is False and runs["no"].config["streamed"] is True
+    assert runs["yes"].manifest["dataset"] == runs["no"].manifest["dataset"]
+    # decoding to another size is other data
+    resized = load_dataset(f"imagefolder:{root}", image_size=8).train
+    before = resized.fingerprint
+    assert resized.images.shape[1:] == (8, 8, 3) and resized.fingerprint == before != train.fingerprint

@@ -40,6 +40,8 @@ class Split:
     _fingerprint: str | None = None
     sizes: np.ndarray | None = None  # (N, 2) height, width of each stored image (prepared), no decoding
     _read: Callable[[int], bytes] | None = None  # encoded bytes of image i (prepared)
+    decode_settings: str = ""  # what decoding changes besides the bytes (--image-size), in the fingerprint
+    _stored: str | None = None  # the stored images' fingerprint (stored_fingerprint), once computed
 
     @property
     def images(self) -> np.ndarray:
@@ -52,6 +54,7 @@ class Split:
                     kept = set(keep.tolist())
                     self.skipped = [f for i, f in enumerate(self.files) if i not in kept]
                     self.files = [self.files[i] for i in keep]
+                self._fingerprint = self._stored = None  # --skip-bad dropped files: hash the ones kept
         return self._images
 
     def __len__(self) -> int:
@@ -71,6 +74,13 @@ class Split:
 
     @property
     def fingerprint(self) -> str:
+        """sha256 of the content. A split of files (an image folder; a prepared set stores its own)
+        hashes its encoded bytes, labels and decode settings, so it has one fingerprint whether it is
+        streamed or decoded in memory, and computing it decodes nothing; arrays hash their pixels."""
+        if self._fingerprint is None and (self.files is not None or self._read is not None):
+            stored = stored_fingerprint(self)
+            self._fingerprint = hashlib.sha256(f"{stored} {self.decode_settings}".encode()).hexdigest() \
+                if self.decode_settings else stored
         if self._fingerprint is None:
             images = self.images
             digest = hashlib.sha256()
@@ -465,7 +475,7 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test,
             lists[name] = ([files[i] for i in keep], labels[keep])
 
     def lazy(files: list[str], labels: np.ndarray) -> Split:
-        return Split(labels=labels, files=files,
+        return Split(labels=labels, files=files, decode_settings=decode_key(image_size),
                      _decode=lambda: decode_images(files, _file_bytes(files), image_size, skip_bad))
 
     return Dataset(
@@ -583,18 +593,22 @@ def decode_images(names: list[str], read: Callable[[int], bytes], image_size: in
 
 def stored_fingerprint(split: Split) -> str:
     """The fingerprint of a split's stored images, never decoding them: a prepared set's own (from its
-    shards), else the sha256 of every image's encoded bytes (length-prefixed) and the labels. A split
-    fingerprinted but never decoded was fingerprinted this way (stream.encoded_fingerprints): kept."""
-    if split._read is not None or (split._fingerprint is not None and split._images is None):
-        return split.fingerprint
-    digest = hashlib.sha256()
-    digest.update(f"encoded {len(split)}".encode())
-    for i in range(len(split)):
-        data = split.encoded(i)
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
-    digest.update(np.ascontiguousarray(split.labels.astype(np.int64)).data)
-    return digest.hexdigest()
+    shards), else the sha256 of `encoded N`, every image's encoded bytes (length-prefixed) and the
+    labels. Split.fingerprint is this plus the decode settings (--image-size) when there are any."""
+    if split._stored is None:
+        digest = hashlib.sha256()
+        digest.update(f"encoded {len(split)}".encode())
+        for i in range(len(split)):
+            data = split.encoded(i)
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        digest.update(np.ascontiguousarray(split.labels.astype(np.int64)).data)
+        split._stored = digest.hexdigest()
+    return split._stored
+
+
+def decode_key(image_size: int | None) -> str:
+    return "" if image_size is None else f"image_size={image_size}"
 
 
 def require_labels(dataset: Dataset, what: str) -> None:

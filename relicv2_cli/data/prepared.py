@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from relicv2_cli import artifacts
-from relicv2_cli.data import Dataset, Split, check_labels, decode_bytes, decode_images, limited
+from relicv2_cli.data import Dataset, Split, check_labels, decode_bytes, decode_images, decode_key, limited
 from relicv2_cli.errors import RelicError
 from relicv2_cli.workers import cv2_pool
 
@@ -141,7 +141,9 @@ def _load_split(art: artifacts.Artifact, name: str, info: dict, class_names: lis
         fingerprint = hashlib.sha256(f"{fingerprint} {positions.tolist()}".encode()).hexdigest()
     read = _Reader(_Shards(art.path, info["shards"]), positions)
     kept = [names[p] for p in positions]
-    return Split(labels=labels[positions], sizes=sizes[positions], _read=read, _fingerprint=fingerprint,
+    # the stored images' fingerprint; Split.fingerprint adds --image-size (decoded squares) when given
+    return Split(labels=labels[positions], sizes=sizes[positions], _read=read, _stored=fingerprint,
+                 decode_settings=decode_key(image_size),
                  _decode=lambda: decode_images([f"{n} (in {art.path})" for n in kept], read, image_size,
                                                skip_bad=False))
 

@@ -213,7 +213,6 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     streamed, why = stream.choose(cfg.in_memory, dataset, dev, cfg.image_size)
     if streamed:
         _check_streamed(cfg)
-        stream.encoded_fingerprints(dataset)  # the manifest's record must not decode the split
     # Streamed runs evaluate centre views at the large crops' size.
     n_train = len(dataset.train)
     height = cfg.large_size if streamed else dataset.train.images.shape[1]

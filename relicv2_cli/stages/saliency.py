@@ -284,7 +284,6 @@ def run(
     if streamed:
         from relicv2_cli import stream
 
-        stream.encoded_fingerprints(dataset)  # from the stored bytes: the split is never decoded whole
         first = dataset.split(splits[0])
         pixels = stream.decoded_bytes(first)[0] / 3 / len(first)
     else:

@@ -121,8 +121,6 @@ def run_semi(
     candidates = [Recipe(e, r, c) for e, r, c in itertools.product(epochs, lr, crop_min_scale)]
     fraction_view = crop_fraction_for(crop_fraction, dataset)
     streamed = stream.streamed(dataset, dataset.train)
-    if streamed:
-        stream.encoded_fingerprints(dataset)  # subset checks and the manifest never decode a split
     indices, source = resolve_subset(dataset, fraction, subset, seed)
     digest = subset_digest(indices)
     workdir = Path(workdir)

@@ -151,8 +151,6 @@ def run_transfer(
                 if split is not None:
                     stream.require_in_memory(dataset, split, "eval transfer --finetune",
                                              "eval transfer without --finetune")
-        if stream.streamed(dataset, dataset.train):
-            stream.encoded_fingerprints(dataset)  # the rows and the manifest never decode a split
     workdir = Path(workdir)
     name = name or _default_name(encoders, specs, finetune_mode)
     check_fresh(workdir, "transfer", name, force)
