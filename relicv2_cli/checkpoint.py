@@ -39,12 +39,16 @@ def nonfinite_tensors(state: dict) -> list[str]:
 class Checkpoint:
     """checkpoint.pt in `directory` for a run with `config` (a JSON-able dict, stored in the file).
 
-    `may_change`: config keys a resumed run may set differently (when to stop, bookkeeping)."""
+    `may_change`: config keys a resumed run may set differently (when to stop, bookkeeping).
+    `added_later`: keys that checkpoints written before they existed lack, each with the value that
+    reproduces what those runs did; a checkpoint without such a key is compared as if it had it."""
 
-    def __init__(self, directory: Path, config: dict, may_change: tuple[str, ...] = ()):
+    def __init__(self, directory: Path, config: dict, may_change: tuple[str, ...] = (),
+                 added_later: dict | None = None):
         self.path = Path(directory) / CHECKPOINT
         self.config = jsonable(config)
         self.may_change = may_change
+        self.added_later = added_later or {}
 
     def save(self, state: dict) -> None:
         """Write `state` plus the config; the previous file stays whole until the final rename, and a
@@ -58,7 +62,7 @@ class Checkpoint:
         for stale in self.path.parent.glob(f".{CHECKPOINT}.*.tmp"):  # a write killed midway (SIGKILL)
             stale.unlink(missing_ok=True)
         state = load_torch_file(self.path, map_location=device)
-        saved = {k: v for k, v in state["config"].items() if k not in self.may_change}
+        saved = {k: v for k, v in {**self.added_later, **state["config"]}.items() if k not in self.may_change}
         # Compared as torch.load returns the saved copy: plain JSON values.
         now = {k: v for k, v in json.loads(json.dumps(self.config)).items() if k not in self.may_change}
         changed = sorted(k for k in now if saved.get(k) != now[k])

@@ -91,6 +91,28 @@ def test_resume_may_not_change_the_lr_after_an_ordinary_interruption(tmp_path):
                      quiet=True)
 
 
+def test_a_checkpoint_older_than_a_config_key_resumes_as_its_old_value(tmp_path):
+    def kill_at_1(step):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(typer.Exit):
+        run_pretrain(PretrainConfig(**TINY, max_steps=3), workdir=tmp_path, name="old", quiet=True,
+                     step_callback=kill_at_1)
+    path = tmp_path / "pretrain" / ".old.partial" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["config"]["streamed"] is False and state["config"]["mask_min_area"] == 0.05
+    # as written before the streamed and mask_min_area keys existed
+    del state["config"]["streamed"], state["config"]["mask_min_area"]
+    torch.save(state, path)
+    # mask_min_area's old behaviour (every mask applied) is 0.0, not today's default
+    with pytest.raises(RelicError, match="different settings than the interrupted run: mask_min_area$"):
+        run_pretrain(PretrainConfig(**TINY, max_steps=3), workdir=tmp_path, name="old", resume=True,
+                     quiet=True)
+    art = run_pretrain(PretrainConfig(**TINY, max_steps=3, mask_min_area=0.0), workdir=tmp_path, name="old",
+                       resume=True, quiet=True)
+    assert logged_steps(art.path) == [1, 2, 3] and art.config["streamed"] is False
+
+
 def test_nan_loss_before_any_checkpoint_says_so_and_leaves_nothing(tmp_path, monkeypatch):
     real_loss = pretrain._loss
     calls = []

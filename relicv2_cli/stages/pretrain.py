@@ -57,6 +57,17 @@ CONFIG = "config.json"  # the run's PretrainConfig, for `relicv2 rerun` and `--c
 # in_memory may change: the "streamed" it resolves to is compared instead.
 RESUMABLE_CHANGES = ("max_steps", "time_budget_min", "extra", "channels_last", "compile", "in_memory",
                      "workers")
+# Config keys added after checkpoints were written without them, with the value that reproduces what
+# those runs did (Checkpoint's added_later): such a checkpoint resumes when the run sets that value.
+# Only keys whose old behaviour is one value belong here (not, say, zero_init_residual, whose old
+# default was another, or bn_stats, which used to be joint).
+ADDED_LATER = {
+    "streamed": False,  # every run decoded its training split in memory
+    "skip_bad": False,  # a bad image stopped the run
+    "labelled": True,  # unlabelled folders were refused
+    "kl_form": "target-anchor",  # the only KL form
+    "mask_min_area": 0.0,  # every mask was applied, whatever its area
+}
 CHANNELS_LAST = ("auto", "on", "off")
 # What it may also change after a stop on a NaN or infinity: the step size and the precision, which
 # leave the shapes of the saved state alone (derived keys included).
@@ -668,7 +679,7 @@ def run_pretrain(
         may_change = RESUMABLE_CHANGES
         if resume and (staging.dir / STOPPED_NONFINITE).exists():
             may_change += AFTER_NONFINITE_CHANGES
-        checkpoint, state = Checkpoint(staging.dir, run.config, may_change), State()
+        checkpoint, state = Checkpoint(staging.dir, run.config, may_change, ADDED_LATER), State()
         if resume:
             load_checkpoint(run, state, checkpoint, ddp)
         if ddp.is_main:
