@@ -266,6 +266,56 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(reference, tmp
     assert_same_training(checkpoint(resumed.path), reference.state, reference.init, tol=1e-12)
 
 
+def imagenet_layout(root: Path) -> Path:
+    """train/ + val/ with three class folders of JPEGs of mixed sizes and aspect ratios, as ImageNet's."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c, wnid in enumerate(("n01440764", "n01443537", "n01484850")):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(24, 81, 2)
+                image = (rng.random((h, w, 3)) * 120).astype(np.uint8)
+                image[..., c] = 255
+                cv2.imwrite(str(root / split / wnid / f"{wnid}_{i}.JPEG"), image)
+    return root
+
+
+def test_streamed_prepared_set_two_processes_match_one(tmp_path):
+    # A prepared ImageNet-layout folder streamed by 2 processes (each decoding only its half of every
+    # step's images) trains as 1 process with the same global batch, in float64.
+    from relicv2_cli.stages.prepare import run as prepare
+
+    art = prepare(f"imagefolder:{imagenet_layout(tmp_path / 'imagenet')}", workdir=tmp_path, workers=1,
+                  quiet=True)
+    spec = f"prepared:{art.path}"
+    settings = dict(large_size=16, small_size=8, width=0.25, proj_hidden=64, proj_dim=32, batch_size=16,
+                    epochs=2.0, warmup_epochs=0.0, lr=0.2, log_every=1, eval_every=0, precision="fp64",
+                    deterministic=True, in_memory="no", workers=0, max_steps=3)
+    one = run_pretrain(PretrainConfig(spec=spec, **settings), workdir=tmp_path, name="one", quiet=True)
+    args = [spec, "--large-size", "16", "--small-size", "8", "--width", "0.25", "--proj-hidden", "64",
+            "--proj-dim", "32", "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.2",
+            "--log-every", "1", "--eval-every", "0", "--precision", "fp64", "--deterministic",
+            "--in-memory", "no", "--workers", "0", "--max-steps", "3", "--dist-sampling", "global",
+            "--workdir", str(tmp_path), "--name", "two", "--quiet"]
+    proc = launch(args, hooks=["--count-decodes", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "pretrain" / "two"
+    assert json.loads((two / "manifest.json").read_text())["config"]["streamed"] is True
+    rows, want = records(two), records(one.path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for got, ref in zip(rows, want, strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-10)
+        assert got["lr"] == ref["lr"] and got["ema_rate"] == ref["ema_rate"]
+    init = run_pretrain(PretrainConfig(spec=spec, **{**settings, "max_steps": 1, "warmup_epochs": 1.0}),
+                        workdir=tmp_path, name="init", quiet=True)
+    assert_same_training(checkpoint(two), checkpoint(one.path), checkpoint(init.path))
+    # each process decoded its 8 of the 16 images of each of the 3 steps
+    assert [int((tmp_path / f"decodes{r}.txt").read_text()) for r in (0, 1)] == [24, 24]
+
+
 # ---------------------------------------------------------------------------------------------------
 # worker modes (run as a script by the tests above)
 
@@ -282,6 +332,7 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--first-attempt-only", action="store_true")
     parser.add_argument("--hang-checkpoint-write", type=int)
     parser.add_argument("--marker")
+    parser.add_argument("--count-decodes")  # a folder: each rank writes its number of decoded images
     opts = parser.parse_args(argv[:split])
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -300,6 +351,15 @@ def _worker(argv: list[str]) -> None:
     from relicv2_cli.stages import pretrain
 
     pretrain.run_pretrain = functools.partial(pretrain.run_pretrain, step_callback=callback)
+    if opts.count_decodes:  # with --workers 0 every image is cropped in this process
+        import atexit
+
+        from relicv2_cli import stream
+
+        real_crop, decodes = stream.crop_image, []
+        stream.crop_image = lambda *args, **kwargs: decodes.append(1) or real_crop(*args, **kwargs)
+        counted = Path(opts.count_decodes) / f"decodes{rank}.txt"
+        atexit.register(lambda: counted.write_text(str(len(decodes))))
     if opts.hang_checkpoint_write:
         real_save, writes = torch.save, []
 

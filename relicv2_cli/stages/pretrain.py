@@ -254,7 +254,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
     if streamed:
         batches = functools.partial(_batch_indices, steps_per_epoch=steps_per_epoch, n=n_train,
                                     batch=cfg.batch_size, seed=cfg.seed)
-        positions = ddp.shard(torch.Generator(), torch.arange(cfg.batch_size))[1]  # rows this process views
+        positions = ddp.shard(torch.Generator(), torch.arange(cfg.batch_size))[2]  # this process's rows only
         crops = stream.StepCrops(dataset.train, views, batches, positions, cfg.seed, mask_reader)
     return Run(
         cfg=cfg, device=dev, dataset=dataset, masks=masks, parents=parents, crops=crops,
@@ -351,6 +351,11 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
         views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
     else:  # cut and resized in the loader's workers; the photometric part as make_views
         large, small, masked = (c.to(run.device, non_blocking=True) for c in next(run.batches))  # data time
+        if len(view_idx) > len(rows):  # --dist-sampling global: the others' rows as zeros (not decoded)
+            large, small = (_in_global_batch(c, len(view_idx), keep) for c in (large, small))
+            everyone = masked.new_zeros((len(masked), len(view_idx)))  # (L, batch): others' crops unmasked
+            everyone[:, keep] = masked
+            masked = everyone
         views = views_from_crops(large, small, run.views, generator, masked).rows(keep)
     labels = run.labels[rows]
     lr = lr_at(step, run.total_steps, run.base_lr, run.warmup_steps)
@@ -374,6 +379,16 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
     return {"loss": loss_value, "stats": stats, "lr": lr, "ema_rate": rate, "embeddings": embeddings,
             "probe_loss": probe_loss, "probe_train_top1": probe_acc, "clock": clock,
             "host_s": time.perf_counter() - clock.host_start}
+
+
+def _in_global_batch(crops: torch.Tensor, batch: int, keep: slice) -> torch.Tensor:
+    """This process's view-major crops (V * b, ...) at rows `keep` of zeros (V * batch, ...): the
+    photometric randomness is drawn for the whole global batch (its draws do not depend on the
+    pixels), and only this process's rows are kept, so no process decodes the others' images."""
+    b = keep.stop - keep.start
+    out = crops.new_zeros((len(crops) // b, batch, *crops.shape[1:]))
+    out[:, keep] = crops.unflatten(0, (-1, b))
+    return out.flatten(0, 1)
 
 
 class _StepClock:
