@@ -270,3 +270,14 @@ def test_interrupted_force_run_prints_the_flags_that_continue_it(tmp_path, capsy
         run_pretrain(cfg, workdir=tmp_path, name="f", resume=True, quiet=True)
     art = run_pretrain(cfg, workdir=tmp_path, name="f", force=True, resume=True, quiet=True)
     assert art.metrics["steps"] == 2 and logged_steps(art.path) == [1, 2]
+
+
+def test_imagenet_stem_with_tiny_crops_in_cpu_bf16_is_refused(tmp_path):
+    # torch's bf16 CPU convolution backward on layer4's 1x1 maps gives NaN or ~1e27 weight gradients
+    with pytest.raises(RelicError, match=r"--stem imagenet with 8 px crops leaves layer4 1x1 maps.*"
+                                         r"--precision fp32$"):
+        run_pretrain(PretrainConfig(**TINY, stem="imagenet", max_steps=1), workdir=tmp_path, quiet=True)
+    assert not (tmp_path / "pretrain").exists()
+    art = run_pretrain(PretrainConfig(**TINY, stem="imagenet", max_steps=1, precision="fp32"),
+                       workdir=tmp_path, quiet=True)
+    assert art.metrics["steps"] == 1

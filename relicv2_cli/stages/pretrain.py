@@ -217,6 +217,7 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(cfg.seed)
+    _check_cpu_bf16(cfg, dev)
     dataset = load_dataset(cfg.spec, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
                            image_size=cfg.image_size, skip_bad=cfg.skip_bad, seed=cfg.seed)
     if cfg.method == "supervised":
@@ -273,6 +274,17 @@ def setup(cfg: PretrainConfig, dev: torch.device, ddp: distributed.DistContext) 
         eval_every=steps_per_epoch if cfg.eval_every is None else cfg.eval_every, config=config,
         scaler=torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16"),
     )
+
+
+def _check_cpu_bf16(cfg: PretrainConfig, dev: torch.device) -> None:
+    """With the imagenet stem, crops of 16 px or less reach layer4 as 1x1 maps, where torch's bf16 CPU
+    convolution backward returns garbage weight gradients (NaN, 1e27: reproduced with a lone
+    Conv2d(64, 128, 3, 2, 1) on a 1x1 input): refused here rather than stopped at a NaN step."""
+    sizes = [cfg.large_size] + ([cfg.small_size] if cfg.small_crops and cfg.method != "supervised" else [])
+    if dev.type == "cpu" and cfg.precision == "bf16" and cfg.stem == "imagenet" and min(sizes) <= 16:
+        raise RelicError(f"--stem imagenet with {min(sizes)} px crops leaves layer4 1x1 maps, where torch's "
+                         "bf16 CPU convolution backward gives garbage gradients: use crops of at least 17 px "
+                         "(--large-size, --small-size) or --precision fp32")
 
 
 def _check_streamed(cfg: PretrainConfig) -> None:
