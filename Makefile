@@ -26,7 +26,7 @@ lint: $(STAMP)
 # lightly (the `bench` extra) is installed for them only.
 export RELICV2_DATA ?= $(wildcard ../shared/data)
 BENCH_STAMP := .venv/.bench-installed
-BENCHES := saliency saliency_stream pretrain throughput eval quality distributed negatives decode learning
+BENCHES := saliency saliency_stream pretrain throughput eval quality distributed negatives decode learning memory
 
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
