@@ -151,6 +151,10 @@ def test_semi_subset_is_balanced_deterministic_and_reused(tmp_path, cli):
     assert base.code == 0, base.err
     base_art = load_artifact(base.last_line)
     assert base_art.metrics["subset_sha256"] == m["subset_sha256"]
+    # auto defaults, resolved in the record: a probe head for learned weights, a zero head for random
+    # init; at 16 px the crops keep at least 30% of the image.
+    assert (art.config["head_init"], base_art.config["head_init"]) == ("probe", "zero")
+    assert art.config["crop_min_scale"] == base_art.config["crop_min_scale"] == [0.3]
     assert base_art.config["subset"]["source"] == "artifact"
     same_seed = cli("eval", "semi", "random:resnet18", *args, "--quiet", "--save-weights")
     assert same_seed.code == 0, same_seed.err
@@ -225,3 +229,8 @@ def test_linear_on_cifar10(cifar_dir, tmp_path, cli):
     art = load_artifact(result.last_line)
     # random features beat chance
     assert art.name == "random-resnet18-cifar10-data" and art.metrics["top1"] > 0.15
+
+
+def test_semi_crop_min_scale_auto_follows_the_view_size():
+    from relicv2_cli.stages.semi import auto_crop_min_scale
+    assert [auto_crop_min_scale(s) for s in (16, 32, 95, 96, 224)] == [0.3, 0.3, 0.3, 0.08, 0.08]
