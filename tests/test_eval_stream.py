@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from jpeg_images import smooth_image
 
 from relicv2_cli import stream
 from relicv2_cli.artifacts import load_artifact
@@ -30,14 +31,6 @@ SIZES = [(40, 60), (60, 30), (33, 33), (20, 50), (24, 40), (50, 22), (36, 48), (
 TINY = ["--arch", "resnet18", "--width", "0.25", "--stem", "imagenet", "--precision", "fp32",
         "--workers", "0"]
 
-
-def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
-    """A gradient with a disc (BGR): JPEG keeps such images close, unlike noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    image = np.stack([x * 200 / w, y * 200 / h, np.full((h, w), rng.integers(0, 200))], -1).astype(np.uint8)
-    cv2.circle(image, (w // 2, h // 2), min(h, w) // 4, tuple(int(v) for v in rng.integers(0, 255, 3)), -1)
-    return image
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
+from jpeg_images import smooth_image
 
 from relicv2_cli.data import load_dataset, prepared
 from relicv2_cli.errors import RelicError
@@ -16,14 +17,6 @@ from relicv2_cli.stages.prepare import parse_size, run
 # (height, width) of the source images: both orientations, square, and some under the cap of 24.
 SIZES = [(40, 60), (60, 30), (33, 33), (20, 50), (24, 40), (50, 22), (36, 48), (21, 21)]
 
-
-def smooth_image(h: int, w: int, seed: int) -> np.ndarray:
-    """A gradient with a disc: JPEG keeps such images close, unlike noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    image = np.stack([x * 200 / w, y * 200 / h, np.full((h, w), rng.integers(0, 200))], -1).astype(np.uint8)
-    cv2.circle(image, (w // 2, h // 2), min(h, w) // 4, tuple(int(v) for v in rng.integers(0, 255, 3)), -1)
-    return image
 
 
 def write_folder(root: Path) -> dict[str, np.ndarray]:
