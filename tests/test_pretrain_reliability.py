@@ -79,25 +79,25 @@ def test_nan_weights_stop_at_the_checkpoint_and_resume_may_lower_the_lr(tmp_path
                                                           "metrics.jsonl"]
 
 
-def test_resume_may_not_change_the_lr_after_an_ordinary_interruption(tmp_path):
+def interrupt_after_step_1(tmp_path, name: str) -> None:
+    """A TINY 3-step run stopped by SIGTERM after its first step (it checkpoints and exits)."""
     def kill_at_1(step):
         os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(typer.Exit):
-        run_pretrain(PretrainConfig(**TINY, max_steps=3), workdir=tmp_path, name="s", quiet=True,
+        run_pretrain(PretrainConfig(**TINY, max_steps=3), workdir=tmp_path, name=name, quiet=True,
                      step_callback=kill_at_1)
+
+
+def test_resume_may_not_change_the_lr_after_an_ordinary_interruption(tmp_path):
+    interrupt_after_step_1(tmp_path, "s")
     with pytest.raises(RelicError, match="different settings.*base_lr_scaled, lr$"):
         run_pretrain(PretrainConfig(**TINY, max_steps=3, lr=0.5), workdir=tmp_path, name="s", resume=True,
                      quiet=True)
 
 
 def test_a_checkpoint_older_than_a_config_key_resumes_as_its_old_value(tmp_path):
-    def kill_at_1(step):
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(typer.Exit):
-        run_pretrain(PretrainConfig(**TINY, max_steps=3), workdir=tmp_path, name="old", quiet=True,
-                     step_callback=kill_at_1)
+    interrupt_after_step_1(tmp_path, "old")
     path = tmp_path / "pretrain" / ".old.partial" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     assert state["config"]["streamed"] is False and state["config"]["mask_min_area"] == 0.05
