@@ -68,6 +68,9 @@ def encode_views(encoder: nn.Module, views, total: int, *, device: torch.device,
     return torch.cat(out)
 
 
+SIM_BLOCK = 2**26  # similarities per test chunk (256 MiB of float32; 1,024 x 1.28M would be 5 GiB)
+
+
 @torch.no_grad()
 def weighted_knn_predict(
     train_features: torch.Tensor,
@@ -79,10 +82,12 @@ def weighted_knn_predict(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Class scores (N_test, C) of the weighted kNN of InstDisc/DINO: cosine similarity, the k nearest
-    training points vote for their class with weight exp(sim / temperature)."""
+    training points vote for their class with weight exp(sim / temperature). At most `chunk` test
+    rows at a time, fewer on a large training split: a chunk's similarities stay under SIM_BLOCK."""
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.long()
     k = min(k, len(train))
+    chunk = max(1, min(chunk, SIM_BLOCK // max(1, len(train))))
     scores = []
     for start in range(0, len(test_features), chunk):
         test = F.normalize(test_features[start : start + chunk].float(), dim=1)

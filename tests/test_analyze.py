@@ -2,12 +2,14 @@
 stages end to end on tiny encoders and data, figures, errors."""
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from relicv2_cli.artifacts import load_artifact, verify_artifact
 from relicv2_cli.data import load_dataset
@@ -260,3 +262,27 @@ def test_pool_test_and_single_image_class(tmp_path, cli):
     assert result.code == 0, result.err
     sel = load_artifact(result.last_line)
     assert sel.metrics["k"] == len(json.loads((sel.path / "neighbors.json").read_text())["anchors"]) - 1
+
+
+def test_weighted_knn_votes_by_hand_and_chunks_bounded_by_memory(monkeypatch):
+    from relicv2_cli import knn
+
+    train = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    test = torch.tensor([[2.0, 1.0]])
+    scores = knn.weighted_knn_predict(train, labels, test, num_classes=2, k=2, temperature=0.5)
+    # cosines to the test point: 2/sqrt5, 1/sqrt5, 3/sqrt10, -2/sqrt5; the two nearest are rows 0 and 2
+    expected = torch.tensor([[math.exp(2 / math.sqrt(5) / 0.5), math.exp(3 / math.sqrt(10) / 0.5)]])
+    assert torch.allclose(scores.double(), expected.double(), rtol=1e-5)
+
+    generator = torch.Generator().manual_seed(0)
+    train = torch.randn(500, 8, generator=generator)
+    test = torch.randn(300, 8, generator=generator)
+    labels = torch.randint(0, 5, (500,), generator=generator)
+    whole = knn.weighted_knn_predict(train, labels, test, num_classes=5)
+    seen = []
+    real_normalize = knn.F.normalize
+    monkeypatch.setattr(knn, "SIM_BLOCK", 500 * 7)  # 7 test rows per chunk against 500 training rows
+    monkeypatch.setattr(knn.F, "normalize", lambda x, dim: seen.append(len(x)) or real_normalize(x, dim=dim))
+    chunked = knn.weighted_knn_predict(train, labels, test, num_classes=5)
+    assert max(seen[1:]) == 7 and torch.equal(chunked, whole)

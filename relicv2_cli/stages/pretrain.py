@@ -592,6 +592,8 @@ def _after_step(run: Run, state: State, out: dict, checkpoint: Checkpoint, ddp, 
         if run.scaler.is_enabled():
             record["grad_scale"] = run.scaler.get_scale()
     if eval_now:
+        if final and run.batches is not None:  # no more steps: the training loader's workers end first
+            run.batches.close()
         encode = encode_images if run.crops is None else stream.encode_streamed
         state.last_eval = _evaluate(run, progress, ddp.encode(encode))
         record = {"step": step, **record, **state.last_eval}
