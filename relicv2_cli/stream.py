@@ -12,7 +12,9 @@ device (augment.views_from_crops).
 from __future__ import annotations
 
 import io
+import math
 import os
+import random
 import signal
 from collections.abc import Callable, Iterator
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from relicv2_cli.augment import ViewConfig, center_view, sample_boxes
+from relicv2_cli.augment import ViewConfig, center_view
 from relicv2_cli.data import Dataset, Split, decode_bytes, truncated_jpeg
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import encode_views
@@ -49,6 +51,11 @@ def image_name(split: Split, i: int) -> str:
     return split.files[i] if split.files is not None else f"image {i}"
 
 
+def stored_size(split: Split, i: int) -> tuple[int, int] | None:
+    """(width, height) of image i when the split stores it (a prepared set), else None."""
+    return None if split.sizes is None else (int(split.sizes[i, 1]), int(split.sizes[i, 0]))
+
+
 def header_size(data: bytes, name: str) -> tuple[int, int]:
     """(width, height) of the decoded image from its header alone (PIL reads no pixels here), EXIF
     orientation applied as cv2.imdecode applies it; one-line errors naming `name`."""
@@ -73,15 +80,32 @@ def decode(data: bytes, name: str, reduction: int = 1) -> np.ndarray:
     return pixels
 
 
-def pixel_boxes(boxes: torch.Tensor, width: int, height: int) -> np.ndarray:
-    """Float boxes (n, 4) x1, y1, x2, y2 -> whole pixels inside the image (at least 1 x 1), as
-    torchvision's RandomResizedCrop rounds them."""
-    b = boxes.double().numpy()
-    w = np.clip(np.rint(b[:, 2] - b[:, 0]), 1, width).astype(int)
-    h = np.clip(np.rint(b[:, 3] - b[:, 1]), 1, height).astype(int)
-    x = np.clip(np.rint(b[:, 0]).astype(int), 0, width - w)
-    y = np.clip(np.rint(b[:, 1]).astype(int), 0, height - h)
-    return np.stack([x, y, x + w, y + h], axis=1)
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               rng: random.Random, attempts: int = 10) -> np.ndarray:
+    """(n, 4) whole-pixel boxes x1, y1, x2, y2, each drawn as torchvision's RandomResizedCrop draws
+    one: area fraction U(scale), aspect ratio log-uniform in `ratio`, sides rounded, the first of
+    `attempts` draws that fits placed uniformly, else the whole image with its aspect ratio clamped
+    into `ratio`, centred. Plain Python floats: torch ops on tiny tensors cost ~1 ms an image here."""
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    boxes = []
+    for _ in range(n):
+        for _ in range(attempts):
+            area = height * width * rng.uniform(*scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+                break
+        else:
+            if width / height < min(ratio):
+                w, h = width, round(width / min(ratio))
+            elif width / height > max(ratio):
+                w, h = round(height * max(ratio)), height
+            else:
+                w, h = width, height
+            x, y = (width - w) // 2, (height - h) // 2
+        boxes.append((x, y, x + w, y + h))
+    return np.array(boxes, np.int64).reshape(n, 4)
 
 
 def reduction_for(boxes: np.ndarray, sizes: np.ndarray) -> int:
@@ -99,30 +123,30 @@ def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(pixels, (width, height), interpolation=interpolation)
 
 
-def crop_image(data: bytes, name: str, views: ViewConfig, generator: torch.Generator,
-               reduce: bool = True, mask: np.ndarray | None = None
+def crop_image(data: bytes, name: str, views: ViewConfig, generator: random.Random,
+               reduce: bool = True, mask: np.ndarray | None = None, size: tuple[int, int] | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Large (L, ls, ls, 3) and small (S, ss, ss, 3) uint8 random resized crops of one encoded image,
-    and which large crops had their background removed (L,) bool: boxes drawn as augment.sample_boxes
-    draws them (large first) on the full image's size, the image decoded at the smallest scale that
-    keeps every box at least its output size across.
+    and which large crops had their background removed (L,) bool: boxes drawn by crop_boxes (large
+    first) on the full image's size (`size`, width and height, when known: a prepared set stores it;
+    else read from the header), the image decoded at the smallest scale that keeps every box at least
+    its output size across.
 
     With a saliency `mask` (H, W) of the full image, make_views' rule: each large crop is cut from the
     image times its mask with probability views.mask_prob (drawn after the boxes), unless the mask
     covers less than views.mask_min_area; small crops never are. The image is then decoded whole."""
-    width, height = header_size(data, name)
+    width, height = size if size is not None else header_size(data, name)
     L, S = views.large_crops, views.small_crops
-    boxes = torch.cat([sample_boxes(n, height, width, scale, views.ratio, generator, "cpu")
-                       for n, scale in ((L, views.large_scale), (S, views.small_scale)) if n])
-    boxes = pixel_boxes(boxes, width, height)
+    boxes = np.concatenate([crop_boxes(L, height, width, views.large_scale, views.ratio, generator),
+                            crop_boxes(S, height, width, views.small_scale, views.ratio, generator)])
     sizes = np.array([views.large_size] * L + [views.small_size] * S)
     masked = np.zeros(L, bool)
     if mask is not None and mask.shape != (height, width):
         raise RelicError(f"the saliency mask of {name} is {mask.shape[1]}x{mask.shape[0]} but the image is "
                          f"{width}x{height}")
     if mask is not None and views.mask_prob > 0 and L:
-        enough = bool(torch.from_numpy(mask != 0).float().mean() >= views.mask_min_area)
-        masked = (torch.rand(L, generator=generator) < views.mask_prob).numpy() & enough
+        enough = np.count_nonzero(mask) >= views.mask_min_area * mask.size
+        masked = np.array([generator.random() < views.mask_prob for _ in range(L)]) & enough
     pixels = decode(data, name, reduction_for(boxes, sizes) if reduce and not masked.any() else 1)
     sources = [pixels] * len(boxes)
     if masked.any():
@@ -154,9 +178,10 @@ def center_image(data: bytes, name: str, size: int, crop_fraction: float) -> tor
 # Pretraining's steps
 
 
-def image_generator(seed: int, step: int, position: int) -> torch.Generator:
-    """The generator of one image's crop boxes: a function of (seed, step, position in the batch)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + position) % 2**63)
+def image_generator(seed: int, step: int, position: int) -> random.Random:
+    """The generator of one image's crop boxes and mask draws: a function of (seed, step, position in
+    the batch)."""
+    return random.Random(((seed * 1_000_003 + step) * 1_000_033 + position) % 2**63)
 
 
 class StepCrops(torch.utils.data.Dataset):
@@ -176,7 +201,8 @@ class StepCrops(torch.utils.data.Dataset):
             batch = self.batch_indices(step).tolist()
             crops = [crop_image(self.split.encoded(batch[p]), image_name(self.split, batch[p]), self.views,
                                 image_generator(self.seed, step, p),
-                                mask=None if self.masks is None else self.masks(batch[p]))
+                                mask=None if self.masks is None else self.masks(batch[p]),
+                                size=stored_size(self.split, batch[p]))
                      for p in self.positions]
         except RelicError as e:
             return f"{e} (step {step})"

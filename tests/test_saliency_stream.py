@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from relicv2_cli import saliency as sal
 from relicv2_cli import stream
-from relicv2_cli.augment import ViewConfig, sample_boxes
+from relicv2_cli.augment import ViewConfig
 from relicv2_cli.data import Split, load_dataset
 from relicv2_cli.errors import RelicError
 from relicv2_cli.stages import saliency as stage
@@ -162,12 +162,12 @@ def test_masked_large_crop_equals_the_mask_applied_by_hand_then_cropped(folder, 
     # by hand: the same draws (boxes, then one coin per large crop), the full image times its mask
     g = stream.image_generator(0, 4, 1)
     h, w = mask.shape
-    boxes = torch.cat([sample_boxes(2, h, w, cfg.large_scale, cfg.ratio, g, "cpu"),
-                       sample_boxes(2, h, w, cfg.small_scale, cfg.ratio, g, "cpu")])
-    assert (torch.rand(2, generator=g) < 1.0).all()
+    boxes = np.concatenate([stream.crop_boxes(2, h, w, cfg.large_scale, cfg.ratio, g),
+                            stream.crop_boxes(2, h, w, cfg.small_scale, cfg.ratio, g)])
+    assert g.random() < 1.0 and g.random() < 1.0
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     cut = bgr * mask[..., None]
-    for k, (x1, y1, x2, y2) in enumerate(stream.pixel_boxes(boxes, w, h)):
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
         source, out, size = (cut, large[k], 16) if k < 2 else (bgr, small[k - 2], 8)
         expected = cv2.cvtColor(stream.resize(source[y1:y2, x1:x2], size, size), cv2.COLOR_BGR2RGB)
         assert np.array_equal(out, expected)

@@ -154,6 +154,28 @@ def test_reduction_keeps_at_least_the_output_size_across_every_box():
     assert stream.reduction_for(np.array([[0, 0, 40, 40]]), np.array([16])) == 2
 
 
+def test_crop_boxes_are_drawn_as_torchvisions_random_resized_crop():
+    from torchvision.transforms import RandomResizedCrop
+
+    rng, n = stream.image_generator(0, 0, 0), 4000
+    for height, width in ((30, 40), (300, 120)):
+        ours = stream.crop_boxes(n, height, width, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        torch.manual_seed(0)
+        params = [RandomResizedCrop.get_params(torch.empty(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+                  for _ in range(n)]  # (top, left, h, w)
+        theirs = np.array([(j, i, j + w, i + h) for i, j, h, w in params])
+        for boxes in (ours, theirs):
+            assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        stats = [(np.mean((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) / (height * width),
+                  np.mean(np.log((b[:, 2] - b[:, 0]) / (b[:, 3] - b[:, 1]))),
+                  np.mean((b[:, 0] + b[:, 2]) / 2) / width, np.mean((b[:, 1] + b[:, 3]) / 2) / height)
+                 for b in (ours, theirs)]
+        assert np.allclose(stats[0], stats[1], atol=0.02), stats  # area, log-aspect, centre: same law
+    # no draw fits: torchvision's fallback, the whole image with its aspect ratio clamped, centred
+    assert stream.crop_boxes(1, 20, 20, (1.0, 1.0), (2.0, 2.0), rng).tolist() == [[0, 5, 20, 15]]
+    assert RandomResizedCrop.get_params(torch.empty(3, 20, 20), [1.0, 1.0], [2.0, 2.0]) == (5, 0, 10, 20)
+
+
 def test_reduced_decoding_gives_nearly_the_crops_of_a_full_decode():
     data = jpeg(smooth_image(320, 480))
     cfg = ViewConfig(large_crops=2, small_crops=3, large_size=32, small_size=16)
