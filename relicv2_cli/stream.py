@@ -11,7 +11,6 @@ device (augment.views_from_crops).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
@@ -21,11 +20,10 @@ from collections.abc import Callable, Iterator
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from relicv2_cli.augment import ViewConfig, center_view
-from relicv2_cli.data import Dataset, Split, decode_bytes, truncated_jpeg
-from relicv2_cli.errors import RelicError
+from relicv2_cli.data import Dataset, Split, decode_bytes, header_size, streamed_error
+from relicv2_cli.errors import BadImage, RelicError
 from relicv2_cli.knn import encode_views
 
 IN_MEMORY = ("auto", "yes", "no")
@@ -34,7 +32,6 @@ SIZE_SAMPLE = 64  # images whose header sizes estimate a split's decoded size
 REDUCTIONS = (8, 4, 2)  # JPEG decodes at 1/8, 1/4 or 1/2 scale (libjpeg's DCT scaling)
 READ_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
               8: cv2.IMREAD_REDUCED_COLOR_8}
-ORIENTATION = 0x0112  # the EXIF tag
 
 
 def default_workers() -> int:
@@ -56,27 +53,13 @@ def stored_size(split: Split, i: int) -> tuple[int, int] | None:
     return None if split.sizes is None else (int(split.sizes[i, 1]), int(split.sizes[i, 0]))
 
 
-def header_size(data: bytes, name: str) -> tuple[int, int]:
-    """(width, height) of the decoded image from its header alone (PIL reads no pixels here), EXIF
-    orientation applied as cv2.imdecode applies it; one-line errors naming `name`."""
-    if truncated_jpeg(data):
-        raise RelicError(f"truncated image {name} (no end-of-image marker after its last scan)")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise RelicError(f"unreadable image {name}: {e}") from None
-    return (height, width) if turned else (width, height)
-
-
 def decode(data: bytes, name: str, reduction: int = 1) -> np.ndarray:
     """BGR uint8 (H', W', 3) of an encoded image; a JPEG with reduction r > 1 decodes at 1/r scale
     (H' = ceil(H / r): libjpeg's DCT scaling, much faster than a full decode)."""
     flag = READ_FLAGS[reduction] if data[:2] == b"\xff\xd8" else cv2.IMREAD_COLOR
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if pixels is None:
-        raise RelicError(f"unreadable image {name}")
+        raise BadImage(f"unreadable image {name}")
     return pixels
 
 
@@ -169,7 +152,7 @@ def center_image(data: bytes, name: str, size: int, crop_fraction: float) -> tor
     float (3, size, size)."""
     problem, rgb = decode_bytes(data)
     if problem:
-        raise RelicError(f"{problem} image {name}")
+        raise BadImage(f"{problem} image {name}")
     pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None]
     return center_view(pixels, size, crop_fraction=crop_fraction)[0]
 
@@ -205,7 +188,7 @@ class StepCrops(torch.utils.data.Dataset):
                                 size=stored_size(self.split, batch[p]))
                      for p in self.positions]
         except RelicError as e:
-            return f"{e} (step {step})"
+            return f"{streamed_error(e, self.split)} (step {step})"
         masked = torch.from_numpy(np.stack([c[2] for c in crops], axis=1))
         return *(_view_major(np.stack([c[k] for c in crops])) for k in (0, 1)), masked
 
@@ -257,8 +240,8 @@ def step_batches(crops: StepCrops, first: int, last: int, workers: int, pin: boo
 
 
 class CenterViews(torch.utils.data.Dataset):
-    """Item i: the centre view of image i, or the message of a bad image (--skip-bad needs the whole
-    listing checked before the first chunk, so streamed evaluation skips nothing: it names the way)."""
+    """Item i: the centre view of image i, or the message of a bad image (--skip-bad dropped the files
+    whose headers do not read when the split was loaded)."""
 
     def __init__(self, split: Split, size: int, crop_fraction: float):
         self.split, self.size, self.crop_fraction = split, size, crop_fraction
@@ -268,8 +251,7 @@ class CenterViews(torch.utils.data.Dataset):
             data = self.split.encoded(i)
             return center_image(data, image_name(self.split, i), self.size, self.crop_fraction)
         except RelicError as e:
-            return (f"{e} (streamed evaluation skips no image: relicv2 data prepare --skip-bad writes a set "
-                    "without it)")
+            return streamed_error(e, self.split)
 
 
 def _collate(items: list) -> torch.Tensor | str:
@@ -313,7 +295,7 @@ def decode_rows(split: Split, rows, side: int) -> np.ndarray:
     for i in rows:
         problem, rgb = decode_bytes(split.encoded(int(i)))
         if problem:
-            raise RelicError(f"{problem} image {image_name(split, int(i))}")
+            raise RelicError(streamed_error(BadImage(f"{problem} image {image_name(split, int(i))}"), split))
         images.append(rgb)
     if len({image.shape for image in images}) <= 1:
         return np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
@@ -349,7 +331,10 @@ def sample_sizes(split: Split) -> tuple[np.ndarray, str]:
     n = len(split)
     k = min(n, SIZE_SAMPLE)
     sample = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
-    sizes = [header_size(split.encoded(i), image_name(split, i))[::-1] for i in sample]
+    try:
+        sizes = [header_size(split.encoded(i), image_name(split, i))[::-1] for i in sample]
+    except RelicError as e:
+        raise RelicError(streamed_error(e, split)) from None
     return np.array(sizes, np.int64), f"estimated from {len(sample)} images' sizes"
 
 

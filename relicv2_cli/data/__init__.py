@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import pickle
 import zipfile
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from relicv2_cli.errors import RelicError
+from relicv2_cli.errors import BadImage, RelicError
 
 SPEC_KINDS = ("synthetic", "cifar10", "cifar100", "fashion-mnist", "imagefolder", "images", "npz", "prepared")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Split:
     masks: np.ndarray | None = None  # ground-truth foreground masks (N, H, W) uint8, synthetic only
     files: list[str] | None = None  # source file per image (imagefolder), for mask import by name
     skipped: list[str] = field(default_factory=list)
+    checked: bool = False  # --skip-bad checked every file's header before the split was used (folders)
     _fingerprint: str | None = None
     sizes: np.ndarray | None = None  # (N, 2) height, width of each stored image (prepared), no decoding
     _read: Callable[[int], bytes] | None = None  # encoded bytes of image i (prepared)
@@ -52,7 +56,7 @@ class Split:
                 self.labels = self.labels[keep]
                 if self.files is not None:
                     kept = set(keep.tolist())
-                    self.skipped = [f for i, f in enumerate(self.files) if i not in kept]
+                    self.skipped = self.skipped + [f for i, f in enumerate(self.files) if i not in kept]
                     self.files = [self.files[i] for i in keep]
                 self._fingerprint = self._stored = None  # --skip-bad dropped files: hash the ones kept
         return self._images
@@ -121,18 +125,18 @@ class Dataset:
         return digest.hexdigest()
 
     def record(self) -> dict:
-        """What a manifest stores about the data it was made from."""
+        """What a manifest stores about the data it was made from (with --skip-bad, the files skipped)."""
+        splits = [(name, split) for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
+                  if split is not None]
         return {
             "spec": self.spec,
             "fingerprint": self.fingerprint,
             "train_count": len(self.train),
             "test_count": len(self.test),
-            "split_fingerprints": {
-                name: split.fingerprint
-                for name, split in (("train", self.train), ("val", self.val), ("test", self.test))
-                if split is not None
-            },
+            "split_fingerprints": {name: split.fingerprint for name, split in splits},
             **self.options,
+            **({"skipped": {name: split.skipped for name, split in splits if split.skipped}}
+               if any(split.skipped for _, split in splits) else {}),
         }
 
 
@@ -473,16 +477,25 @@ def _load_imagefolder(spec, path, image_size, skip_bad, limit_train, limit_test,
             files, labels = lists[name]
             keep = limited(labels, limit, seed)
             lists[name] = ([files[i] for i in keep], labels[keep])
+    # After the limits: the images kept are those of the run without --skip-bad, less the bad ones.
+    skipped = {name: [] for name in lists}
+    if skip_bad:  # before anything reads the split: a streamed one is never decoded as a whole
+        for name, (files, labels) in lists.items():
+            good = np.array([header_readable(f) for f in files], bool)
+            skipped[name] = [f for f, ok in zip(files, good, strict=True) if not ok]
+            lists[name] = ([f for f, ok in zip(files, good, strict=True) if ok], labels[good])
 
-    def lazy(files: list[str], labels: np.ndarray) -> Split:
-        return Split(labels=labels, files=files, decode_settings=decode_key(image_size),
+    def lazy(name: str) -> Split:
+        files, labels = lists[name]
+        return Split(labels=labels, files=files, skipped=skipped[name], checked=skip_bad,
+                     decode_settings=decode_key(image_size),
                      _decode=lambda: decode_images(files, _file_bytes(files), image_size, skip_bad))
 
     return Dataset(
         spec=spec,
-        train=lazy(*lists["train"]),
-        test=lazy(*lists["test"]),
-        val=lazy(*lists["val"]) if "val" in lists else None,
+        train=lazy("train"),
+        test=lazy("test"),
+        val=lazy("val") if "val" in lists else None,
         class_names=class_names,
         labelled=labelled,
     )
@@ -494,6 +507,46 @@ def truncated_jpeg(data: bytes) -> bool:
     stuffed), so this also admits EXIF thumbnails before the image and data appended after its end
     (camera trailers), which a plain "ends with FF D9" test would refuse."""
     return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+
+
+def header_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of the decoded image from its header alone (PIL reads no pixels here), EXIF
+    orientation applied as cv2.imdecode applies it; one-line errors (BadImage) naming `name`."""
+    if truncated_jpeg(data):
+        raise BadImage(f"truncated image {name} (no end-of-image marker after its last scan)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            # PIL decodes a whole PNG to look for an eXIf chunk after its pixels; writers put it before
+            exif = image.getexif() if image.format != "PNG" or "exif" in image.info else {}
+            turned = exif.get(ORIENTATION, 1) in (5, 6, 7, 8)
+    except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+        raise BadImage(f"unreadable image {name}: not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"unreadable image {name}: {e}") from None
+    return (height, width) if turned else (width, height)
+
+
+def header_readable(file: str) -> bool:
+    """--skip-bad's check of a listed file, without decoding pixels: it reads, is no truncated JPEG
+    and its header gives a size."""
+    try:
+        header_size(Path(file).read_bytes(), file)
+    except (OSError, BadImage):
+        return False
+    return True
+
+
+def streamed_error(error: RelicError, split: Split) -> str:
+    """The message of an error met reading a streamed split, saying what to do when it is a bad file
+    of a folder: --skip-bad, which checks every file's header first; when it did, the file's pixels do
+    not decode, which only a full decode finds. A prepared set's images decoded when it was written."""
+    if not isinstance(error, BadImage) or split.files is None:
+        return str(error)
+    if split.checked:
+        return (f"{error} (its header reads, so --skip-bad kept it: relicv2 data prepare --skip-bad decodes "
+                "every image and writes a set without such files)")
+    return f"{error} (use --skip-bad to skip such files)"
 
 
 def _is_image(path: Path) -> bool:

@@ -35,8 +35,8 @@ import typer
 
 from relicv2_cli import artifacts, options
 from relicv2_cli import saliency as sal
-from relicv2_cli.data import Dataset, Split, decode_bytes, load_dataset
-from relicv2_cli.errors import RelicError
+from relicv2_cli.data import Dataset, Split, decode_bytes, load_dataset, streamed_error
+from relicv2_cli.errors import BadImage, RelicError
 from relicv2_cli.workers import cv2_pool
 
 DEFAULT_METHOD = "bc+grabcut"
@@ -420,7 +420,7 @@ class _ImageChunks:
                 mask = sal.compute(_decoded(split, i)[None], self.method, seed=self.seed)[1][0]
                 rows.append((sal.encode_mask(mask), mask.shape[0], mask.shape[1], int(mask.sum())))
         except RelicError as e:
-            return str(e)
+            return streamed_error(e, split)
         return (name, c), rows
 
 
@@ -429,7 +429,7 @@ def _decoded(split: Split, i: int) -> np.ndarray:
     problem, image = decode_bytes(split.encoded(i))
     if problem:
         name = split.files[i] if split.files is not None else f"image {i}"
-        raise RelicError(f"{problem} image {name}")
+        raise BadImage(f"{problem} image {name}")
     return image
 
 
