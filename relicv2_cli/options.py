@@ -46,7 +46,7 @@ LimitTest = Annotated[int | None, typer.Option(
     help="Use only N test images (folders, prepared sets: a class-balanced subset drawn by --seed).")]
 ImageSize = Annotated[int | None, typer.Option(help="Resize images to S x S (synthetic: generate at S).")]
 SkipBad = Annotated[bool, typer.Option("--skip-bad",
-                                       help="Image folders: skip unreadable or truncated images (counted).")]
+                                       help="Image folders: skip unreadable or truncated images (listed).")]
 # The network: pretrain builds it; eval/analyze use it for random:/torchvision: encoders only.
 Arch = Annotated[str, typer.Option(help="resnet18|resnet34|resnet50|resnet101|resnet152|resnet200.")]
 Width = Annotated[float, typer.Option(help="Width multiplier of every stage: 0.25, 0.5, 1, 2 or 4.")]

@@ -39,7 +39,7 @@ class Split:
     _decode: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
     masks: np.ndarray | None = None  # ground-truth foreground masks (N, H, W) uint8, synthetic only
     files: list[str] | None = None  # source file per image (imagefolder), for mask import by name
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # files --skip-bad left out (folders)
     checked: bool = False  # --skip-bad checked every file's header before the split was used (folders)
     _fingerprint: str | None = None
     sizes: np.ndarray | None = None  # (N, 2) height, width of each stored image (prepared), no decoding

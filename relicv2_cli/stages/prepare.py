@@ -71,7 +71,8 @@ def run(
         raise RelicError(f"--workers must be at least 1, got {workers}")
     opts = PrepareOptions(max_side=max_side, quality=quality, shard_size=parse_size(shard_size),
                           workers=workers, skip_bad=skip_bad)
-    dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, skip_bad=skip_bad, seed=seed)
+    # Not load_dataset's --skip-bad header check: prepare decodes every image and skips bad ones itself.
+    dataset = load_dataset(spec, limit_train=limit_train, limit_test=limit_test, seed=seed)
     kind, _, arg = spec.partition(":")
     root = str(Path(arg).expanduser())
     default = f"{kind}-{Path(arg).name}-{max_side or 'full'}"
