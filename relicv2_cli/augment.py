@@ -480,6 +480,14 @@ def crop_flip(
     x = images.float() / 255
     boxes = sample_boxes(b, h, w, scale, (3 / 4, 4 / 3), generator, x.device)
     x = crop_resize(x, boxes, torch.arange(b, device=x.device), size)
+    return flip_views(x, generator, mean, std)
+
+
+def flip_views(x: torch.Tensor, generator: torch.Generator, mean=IMAGENET_MEAN,
+               std=IMAGENET_STD) -> torch.Tensor:
+    """crop_flip's last part, also for crops cut elsewhere (streamed fine-tuning): a horizontal flip with
+    probability 0.5 per image of a float batch in [0, 1] (drawn on the generator's device), normalised."""
+    b = len(x)
     flip = torch.rand(b, generator=generator, device=generator.device).to(x.device) < 0.5
     x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
     return normalize(x, mean, std)

@@ -3,6 +3,7 @@ network's evaluation on a labelled split."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -13,13 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from relicv2_cli import options
-from relicv2_cli.augment import crop_flip, epoch_batches
+from relicv2_cli.data import Split
 from relicv2_cli.encoders import Encoder
 from relicv2_cli.errors import RelicError
 from relicv2_cli.features import embed
 from relicv2_cli.knn import autocast
 from relicv2_cli.optim import lr_at, scaled_lr
 from relicv2_cli.probe import LogisticModel, score
+from relicv2_cli.stream import crop_flip_steps
 
 BN_MODES = ("train", "frozen")
 
@@ -37,13 +39,15 @@ class Classifier(nn.Module):
 
 
 def finetune(
-    encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, num_classes: int, size: int, epochs: float,
-    max_steps: int | None, batch_size: int, lr: float, head_lr_scale: float, momentum: float,
+    encoder: Encoder, images: np.ndarray | Split, labels: np.ndarray, *, num_classes: int, size: int,
+    epochs: float, max_steps: int | None, batch_size: int, lr: float, head_lr_scale: float, momentum: float,
     crop_min_scale: float, seed: int, device: torch.device, precision: str, quiet: bool,
     head_init: LogisticModel | None = None, bn: str = "train", description: str = "fine-tune",
+    workers: int | None = None,
 ) -> tuple[Classifier, list[dict], dict]:
     """Fine-tune a copy of the encoder + a new head on (images, labels); returns the network in eval
-    mode, the training curve and a summary (steps, batch, lr, seconds).
+    mode, the training curve and a summary (steps, batch, lr, seconds). `images`: an array in memory,
+    or a split streamed through `workers` loader processes (stream.crop_flip_steps).
 
     `head_init`: a probe fitted on the frozen features of these images starts the head (zeros
     otherwise), so the first steps do not push random-head gradients into the pretrained body.
@@ -75,19 +79,14 @@ def finetune(
     groups = [{"params": list(net.encoder.parameters()), "scale": 1.0},
               {"params": list(net.head.parameters()), "scale": head_lr_scale}]
     optimizer = torch.optim.SGD(groups, lr=base_lr, momentum=momentum, nesterov=True, weight_decay=0.0)
-    images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     labels_t = torch.from_numpy(np.asarray(labels, np.int64)).to(device)
-    generator = torch.Generator().manual_seed(seed)
+    steps = crop_flip_steps(images, last, batch=batch, size=size, crop_min_scale=crop_min_scale, seed=seed,
+                            device=device, workers=workers)
     history = []
     t0 = time.perf_counter()
-    with options.progress_bar(quiet) as progress:
+    with options.progress_bar(quiet) as progress, contextlib.closing(steps):
         task = progress.add_task(description, total=last, info="")
-        batches: list[torch.Tensor] = []
-        for step in range(last):
-            if not batches:
-                batches = epoch_batches(n, batch, generator)
-            idx = batches.pop(0).to(device)
-            views = crop_flip(images_t[idx], size, (crop_min_scale, 1.0), generator)
+        for step, (idx, views) in enumerate(steps):
             if device.type == "cuda":
                 views = views.contiguous(memory_format=torch.channels_last)
             rate = lr_at(step, total, base_lr, 0)

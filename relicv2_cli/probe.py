@@ -19,11 +19,12 @@ from rich.table import Table
 from torch import nn
 
 from relicv2_cli import options
-from relicv2_cli.augment import crop_flip, epoch_batches
+from relicv2_cli.data import Split
 from relicv2_cli.encoders import Encoder
 from relicv2_cli.errors import RelicError
 from relicv2_cli.knn import autocast
 from relicv2_cli.optim import lr_at, scaled_lr
+from relicv2_cli.stream import crop_flip_steps
 
 DEFAULT_L2_GRID = "1e-6:1e1:15"
 
@@ -265,11 +266,12 @@ def linear_probe(
 
 
 def train_linear_augmented(
-    encoder: Encoder, images: np.ndarray, labels: np.ndarray, *, num_classes: int, size: int, epochs: float,
-    max_steps: int | None, batch_size: int, lr: float, momentum: float, crop_min_scale: float, seed: int,
-    device: torch.device, precision: str, quiet: bool,
+    encoder: Encoder, images: np.ndarray | Split, labels: np.ndarray, *, num_classes: int, size: int,
+    epochs: float, max_steps: int | None, batch_size: int, lr: float, momentum: float, crop_min_scale: float,
+    seed: int, device: torch.device, precision: str, quiet: bool, workers: int | None = None,
 ) -> tuple[nn.Linear, list[dict]]:
-    """A linear layer trained by SGD (Nesterov) on crop+flip views through the frozen encoder."""
+    """A linear layer trained by SGD (Nesterov) on crop+flip views through the frozen encoder; `images`
+    an array in memory or a split streamed through `workers` loader processes (stream.crop_flip_steps)."""
     n = len(images)
     batch_size = min(batch_size, n)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -281,18 +283,13 @@ def train_linear_augmented(
     nn.init.zeros_(head.bias)
     lr = scaled_lr(lr, batch_size)  # a base rate per 256 images, as the release's 0.3 (1.2 at batch 1024)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=0.0)
-    images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     labels_t = torch.from_numpy(labels).to(device)
-    generator = torch.Generator().manual_seed(seed)
+    steps = crop_flip_steps(images, last, batch=batch_size, size=size, crop_min_scale=crop_min_scale,
+                            seed=seed, device=device, workers=workers)
     history = []
-    with options.progress_bar(quiet) as progress:
+    with options.progress_bar(quiet) as progress, contextlib.closing(steps):
         task = progress.add_task("linear (augment)", total=last, info="")
-        batches: list[torch.Tensor] = []
-        for step in range(last):
-            if not batches:
-                batches = epoch_batches(n, batch_size, generator)
-            idx = batches.pop(0).to(device)
-            views = crop_flip(images_t[idx], size, (crop_min_scale, 1.0), generator)
+        for step, (idx, views) in enumerate(steps):
             with torch.no_grad(), autocast(device, precision):
                 feats = model(views)
             logits = head(feats.float())

@@ -6,11 +6,13 @@ image folder and a prepared set stream alike. Pretraining's step s is one loader
 every image of that step's batch, each image's crop boxes drawn from a generator seeded by (seed,
 step, position in the batch), so the crops depend neither on the number of workers nor on where a
 run was resumed. The photometric augmentations are not done here: they stay batched on the training
-device (augment.views_from_crops).
+device (augment.views_from_crops). Fine-tuning on a streamed split (`crop_flip_steps`) cuts its one
+crop per image the same way; its flips stay on the device.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -21,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from relicv2_cli.augment import ViewConfig, center_view
+from relicv2_cli.augment import ViewConfig, center_view, crop_flip, epoch_batches, flip_views
 from relicv2_cli.data import Dataset, Split, decode_bytes, header_size, streamed_error
 from relicv2_cli.errors import BadImage, RelicError
 from relicv2_cli.knn import encode_views
@@ -174,19 +176,21 @@ class StepCrops(torch.utils.data.Dataset):
     traceback). `masks(i)` gives image i's saliency mask (saliency.MaskReader), with --saliency."""
 
     def __init__(self, split: Split, views: ViewConfig, batch_indices: Callable[[int], torch.Tensor],
-                 positions: torch.Tensor, seed: int, masks: Callable[[int], np.ndarray] | None = None):
+                 positions: torch.Tensor | None, seed: int, masks: Callable[[int], np.ndarray] | None = None):
         self.split, self.views, self.batch_indices = split, views, batch_indices
-        self.positions, self.seed = positions.tolist(), seed  # the batch rows this process makes views of
-        self.masks = masks
+        # the batch rows this process makes views of (None: all, however many the step has)
+        self.positions = None if positions is None else positions.tolist()
+        self.seed, self.masks = seed, masks
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
         try:
             batch = self.batch_indices(step).tolist()
+            positions = range(len(batch)) if self.positions is None else self.positions
             crops = [crop_image(self.split.encoded(batch[p]), image_name(self.split, batch[p]), self.views,
                                 image_generator(self.seed, step, p),
                                 mask=None if self.masks is None else self.masks(batch[p]),
                                 size=stored_size(self.split, batch[p]))
-                     for p in self.positions]
+                     for p in positions]
         except RelicError as e:
             return f"{streamed_error(e, self.split)} (step {step})"
         masked = torch.from_numpy(np.stack([c[2] for c in crops], axis=1))
@@ -233,6 +237,69 @@ def loader(dataset: torch.utils.data.Dataset, items, workers: int, pin: bool, ba
 def step_batches(crops: StepCrops, first: int, last: int, workers: int, pin: bool) -> Iterator:
     """The crops of steps first .. last - 1, in order: a run resumed at step k starts its loader at k."""
     return loader(crops, range(first, last), workers, pin)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning's steps (eval linear --protocol augment, eval transfer --finetune, eval semi)
+
+
+def fine_tune_batch(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
+    """The images of streamed fine-tuning's step `step`: augment.epoch_batches of a generator seeded by
+    (seed, epoch), a pure function of the step (the loader's workers and the training loop both ask)."""
+    per_epoch = math.ceil(n / batch)
+    epoch, within = divmod(step, per_epoch)
+    return _epoch_batches(n, batch, seed, epoch)[within]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    return epoch_batches(n, batch, torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def crop_flip_steps(images: np.ndarray | Split, steps: int, *, batch: int, size: int, crop_min_scale: float,
+                    seed: int, device: torch.device, workers: int | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(image indices on `device`, normalised crop + flip views (B, 3, size, size)) of fine-tuning's
+    steps 0 .. steps - 1: `batch` images a step, every image once an epoch, crops of area fraction
+    U(crop_min_scale, 1) and aspect 3/4-4/3.
+
+    `images` an array (in memory, the fastest): on the device once, augment.crop_flip of each batch,
+    one generator seeded by `seed` drawing batches and crops. A Split (streamed): step s's batch is
+    fine_tune_batch(s), its crops are cut in `workers` loader processes (StepCrops with one large crop
+    and no small one: crop_image's boxes and reduced JPEG decoding) and come to the device as uint8,
+    where the flips (a generator seeded by (seed, s)) and the normalisation are batched; the views
+    depend neither on `workers` nor on anything drawn before step s."""
+    n = len(images)
+    if isinstance(images, Split):
+        views = ViewConfig(large_crops=1, small_crops=0, large_size=size, large_scale=(crop_min_scale, 1.0),
+                           mask_prob=0.0)
+        indices = functools.partial(fine_tune_batch, n=n, batch=batch, seed=seed)
+        crops = StepCrops(images, views, indices, None, seed)
+        workers = default_workers() if workers is None else workers
+        loaded = step_batches(crops, 0, steps, workers, device.type == "cuda")
+        for step, (large, _small, _masked) in enumerate(loaded):
+            x = large.to(device, non_blocking=True).float() / 255
+            flips = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            yield indices(step).to(device), flip_views(x, flips)
+        return
+    images_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    generator = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    for _ in range(steps):
+        if not batches:
+            batches = epoch_batches(n, batch, generator)
+        idx = batches.pop(0).to(device)
+        yield idx, crop_flip(images_t[idx], size, (crop_min_scale, 1.0), generator)
+
+
+def joined(first: Split, second: Split) -> Split:
+    """Two splits of encoded images as one (transfer fine-tunes on train + validation), decoding nothing."""
+    n = len(first)
+    return Split(labels=np.concatenate([first.labels, second.labels]),
+                 files=None if first.files is None or second.files is None else first.files + second.files,
+                 sizes=None if first.sizes is None or second.sizes is None else
+                 np.concatenate([first.sizes, second.sizes]),
+                 _read=lambda i: first.encoded(i) if i < n else second.encoded(i - n))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,20 +418,25 @@ def decoded_bytes(split: Split, image_size: int | None = None) -> tuple[float, s
     return 3.0 * len(split) * float(sizes.prod(1).astype(float).mean()), how, mixed
 
 
-def require_in_memory(dataset: Dataset, split: Split, what: str, alternative: str) -> None:
-    """A one-line refusal when `what` would need a streamed split decoded as one array: images of
-    mixed sizes, or more than MEMORY_SHARE of the available RAM. `alternative` names what streams."""
-    if not streamed(dataset, split):
-        return
-    size, how, mixed = decoded_bytes(split)
-    gib = 2.0**30
-    if mixed:
-        raise RelicError(f"{what} trains on the split decoded in memory, and {dataset.spec} has images of "
-                         f"mixed sizes; pass --image-size S to resize them, or use {alternative} (streamed)")
-    if size > MEMORY_SHARE * available_ram():
-        raise RelicError(f"{what} trains on the split decoded in memory: ~{size / gib:.1f} GiB ({how}) > "
-                         f"{MEMORY_SHARE:.0%} of {available_ram() / gib:.1f} GiB available RAM; use "
-                         f"{alternative} (streamed)")
+def training_choice(dataset: Dataset, splits: list[Split]) -> tuple[bool, str]:
+    """(stream?, why) of a stage that trains on crops of whole splits (`splits` joined): in memory, the
+    fastest, unless they stream (streamed()) and have images of mixed sizes (in memory they are one
+    array) or would take more than MEMORY_SHARE of the available RAM decoded."""
+    if not streamed(dataset, splits[0]):
+        return False, ("--image-size resizes the images in memory" if can_stream(splits[0]) else
+                       f"{dataset.spec} is decoded in memory when loaded")
+    found = [decoded_bytes(split) for split in splits]
+    size, how = sum(f[0] for f in found), found[0][1]
+    # within a split the sizes agree (else it is mixed): its first image's size stands for all
+    firsts = {header_size(split.encoded(0), image_name(split, 0)) for split in splits if len(split)}
+    if any(f[2] for f in found) or len(firsts) > 1:
+        return True, "images of mixed sizes (in memory they need --image-size)"
+    ram, gib = available_ram(), 2.0**30
+    if size > MEMORY_SHARE * ram:
+        return True, (f"decoded training data ~{size / gib:.1f} GiB ({how}) > {MEMORY_SHARE:.0%} of "
+                      f"{ram / gib:.1f} GiB available RAM")
+    return False, (f"decoded training data ~{size / gib:.2f} GiB ({how}) <= {MEMORY_SHARE:.0%} of "
+                   f"{ram / gib:.1f} GiB available RAM")
 
 
 def available_ram() -> float:

@@ -18,11 +18,12 @@ from jpeg_images import smooth_image
 
 from relicv2_cli import stream
 from relicv2_cli.artifacts import load_artifact
-from relicv2_cli.augment import IMAGENET_MEAN, IMAGENET_STD, center_view, normalize
+from relicv2_cli.augment import IMAGENET_MEAN, IMAGENET_STD, ViewConfig, center_view, normalize
 from relicv2_cli.data import Split, decode_bytes, load_dataset
 from relicv2_cli.encoders import load_encoder
 from relicv2_cli.errors import RelicError
 from relicv2_cli.features import extract_features, features_key, features_name, read_features
+from relicv2_cli.finetune import evaluate_network, finetune
 from relicv2_cli.knn import encode_images
 from relicv2_cli.stages.prepare import run as prepare
 
@@ -277,17 +278,104 @@ def test_stream_decode_rows_squares_mixed_sizes_at_the_view_side(photos):
     assert np.abs(images[0].astype(float) - expected).max() <= 1
 
 
+@pytest.fixture(scope="module")
+def photos_with_val(photos) -> Path:
+    """train/ (8 per class), val/ (4 per class) and test/ (val/'s images again): a validation split."""
+    root = photos.parent / "photos-with-val"
+    for split, source in (("train", "train"), ("val", "val"), ("test", "val")):
+        shutil.copytree(photos / source, root / split)
+    return root
+
+
 @pytest.mark.parametrize("command", [["eval", "linear", "--protocol", "augment"],
                                      ["eval", "transfer", "--finetune"]])
-def test_fine_tuning_on_mixed_sizes_is_refused_naming_the_streamed_protocol(tmp_path, cli, photos, command):
+def test_fine_tuning_on_mixed_sizes_streams_its_crops(tmp_path, cli, photos_with_val, command,
+                                                      no_whole_split):
     stage, *flags = command[1:]
-    result = cli(command[0], stage, "random:resnet18", f"imagefolder:{photos}", *flags, "--workdir", tmp_path,
-                 *TINY)
-    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
-    assert "has images of mixed sizes; pass --image-size S to resize them, or use" in result.err
-    alternative = "--protocol cached" if stage == "linear" else "eval transfer without --finetune"
-    assert f"{alternative} (streamed)" in result.err
-    assert not list(tmp_path.glob("*/*"))  # nothing written
+    spec = f"imagefolder:{photos_with_val}"
+    result = cli(command[0], stage, "random:resnet18", spec, *flags, "--workdir", tmp_path, *TINY,
+                 "--max-steps", "2", "--batch-size", "4")
+    assert result.code == 0, result.err
+    assert "training data streamed: images of mixed sizes (in memory they need --image-size)" in result.err
+    art = load_artifact(result.last_line)
+    if stage == "linear":
+        assert art.config["streamed"] is True and art.metrics["steps"] == 2
+        assert (art.path / "classifier.safetensors").exists()
+    else:
+        assert art.config["streamed"] == {spec: True}
+        row = art.metrics["rows"][0]
+        assert row["streamed"] is True and row["steps"] == 2 and row["refit_count"] == 24  # train + val
+
+
+def test_training_choice_streams_mixed_sizes_and_data_too_large_for_memory(tmp_path, photos, monkeypatch):
+    # train/ of 24 px images, test/ of 48 px ones: each split of one size, mixed when joined
+    for split, side in (("train", 24), ("test", 48)):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                cv2.imwrite(str(tmp_path / split / c / f"{i}.jpg"), smooth_image(side, side, i))
+    dataset = load_dataset(f"imagefolder:{tmp_path}")
+    ram = stream.available_ram() / 2**30
+    assert stream.training_choice(dataset, [dataset.train]) == (
+        False, f"decoded training data ~0.00 GiB (estimated from 8 images' sizes) <= 50% of {ram:.1f} GiB "
+               "available RAM")
+    assert stream.training_choice(dataset, [dataset.train, dataset.test]) == (
+        True, "images of mixed sizes (in memory they need --image-size)")
+    mixed = load_dataset(f"imagefolder:{photos}")
+    assert stream.training_choice(mixed, [mixed.train])[0] is True
+    resized = load_dataset(f"imagefolder:{photos}", image_size=16)
+    assert stream.training_choice(resized, [resized.train]) == (False,
+                                                                "--image-size resizes the images in memory")
+    monkeypatch.setattr(stream, "available_ram", lambda: 2 * 8 * 24 * 24 * 3 - 1.0)  # 8 images decoded
+    assert stream.training_choice(dataset, [dataset.train]) == (
+        True, "decoded training data ~0.0 GiB (estimated from 8 images' sizes) > 50% of 0.0 GiB available "
+              "RAM")
+
+
+def test_streamed_crops_of_a_step_are_crop_image_flipped_after_the_workers(photos):
+    split = load_dataset(f"imagefolder:{photos}").train  # 16 images
+    kwargs = dict(batch=5, size=12, crop_min_scale=0.3, seed=2, device=torch.device("cpu"))
+    alone = list(stream.crop_flip_steps(split, 5, workers=0, **kwargs))
+    assert torch.equal(torch.cat([idx for idx, _ in alone[:4]]).sort().values, torch.arange(16))  # one epoch
+    shared = stream.crop_flip_steps(split, 5, workers=1, **kwargs)
+    for (idx_a, views_a), (idx_b, views_b) in zip(alone, shared, strict=True):
+        assert torch.equal(idx_a, idx_b) and torch.equal(views_a, views_b)
+    # By hand, step 1: each image's crop_image with its (seed, step, position) generator, then flips from a
+    # generator seeded by (seed, step), then ImageNet normalisation.
+    idx, views = alone[1]
+    assert torch.equal(idx, stream.fine_tune_batch(1, 16, 5, 2)) and views.shape == (4, 3, 12, 12)
+    cfg = ViewConfig(large_crops=1, small_crops=0, large_size=12, large_scale=(0.3, 1.0), mask_prob=0.0)
+    crops = np.stack([stream.crop_image(split.encoded(int(i)), "", cfg, stream.image_generator(2, 1, p))[0][0]
+                      for p, i in enumerate(idx)])
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    flip = torch.rand(4, generator=torch.Generator().manual_seed(2 * 1_000_003 + 1)) < 0.5
+    assert 0 < flip.sum() < 4
+    expected = normalize(torch.where(flip.view(4, 1, 1, 1), x.flip(-1), x), IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(views, expected)
+
+
+def test_streamed_fine_tuning_learns(tmp_path, no_whole_split):
+    """Two classes told apart by the colour of a disc (red or blue), on JPEGs of mixed sizes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 8)):
+        for c, colour in enumerate(((40, 40, 220), (220, 40, 40))):  # BGR: red, blue
+            (tmp_path / split / str(c)).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(28, 56, 2)
+                image = np.full((h, w, 3), rng.integers(60, 200), np.uint8)
+                cv2.circle(image, (int(w // 2), int(h // 2)), int(min(h, w) // 3), colour, -1)
+                cv2.imwrite(str(tmp_path / split / str(c) / f"{i}.jpg"), image)
+    dataset = load_dataset(f"imagefolder:{tmp_path}")
+    assert stream.training_choice(dataset, [dataset.train])[0]
+    encoder = load_encoder("random:resnet18", width=0.25, stem="cifar", seed=0)
+    cpu = torch.device("cpu")
+    net, history, _ = finetune(encoder, dataset.train, dataset.train.labels, num_classes=2, size=24,
+                               epochs=6, max_steps=None, batch_size=8, lr=0.1, head_lr_scale=1.0,
+                               momentum=0.9, crop_min_scale=0.3, seed=0, device=cpu, precision="fp32",
+                               quiet=True, workers=0)
+    scores = evaluate_network(net, stream.StreamedImages(dataset.test, workers=0), dataset.test.labels,
+                              num_classes=2, size=24, device=cpu, precision="fp32", batch_size=16, quiet=True)
+    assert history[-1]["step"] == 24 and scores["top1"] >= 0.9
 
 
 def test_image_size_keeps_the_in_memory_path(tmp_path, photos):

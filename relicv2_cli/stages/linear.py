@@ -25,7 +25,7 @@ import torch
 import typer
 from safetensors.torch import save_file
 
-from relicv2_cli import options
+from relicv2_cli import options, stream
 from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging
 from relicv2_cli.data import Dataset, load_dataset, require_labels
@@ -41,7 +41,6 @@ from relicv2_cli.probe import (
     score,
     train_linear_augmented,
 )
-from relicv2_cli.stream import require_in_memory
 
 PROTOCOLS = ("cached", "augment")
 
@@ -62,8 +61,13 @@ def run_linear(
     name = name or f"{encoder.slug}-{spec_slug(dataset.spec)}" + ("-augment" if protocol == "augment" else "")
     check_fresh(workdir, "linear", name, force)
     fraction = crop_fraction_for(crop_fraction, dataset)
+    streamed = False
     if protocol == "augment":
-        require_in_memory(dataset, dataset.train, "eval linear --protocol augment", "--protocol cached")
+        streamed, why = stream.training_choice(dataset, [dataset.train])
+        if not quiet:
+            path = "streamed" if streamed else "in memory"
+            options.console.print(f"training data {path}: {why}", markup=False, highlight=False,
+                                  soft_wrap=True)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
                           quiet=quiet, force=force, crop_fraction=fraction, workers=workers)
@@ -89,9 +93,10 @@ def run_linear(
     else:
         size = view_size(encoder, dataset, "train")
         head, history = train_linear_augmented(
-            encoder, dataset.train.images, dataset.train.labels, num_classes=dataset.num_classes, size=size,
-            epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, momentum=momentum,
-            crop_min_scale=crop_min_scale, seed=seed, device=dev, precision=precision, quiet=quiet)
+            encoder, dataset.train if streamed else dataset.train.images, dataset.train.labels,
+            num_classes=dataset.num_classes, size=size, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, lr=lr, momentum=momentum, crop_min_scale=crop_min_scale, seed=seed,
+            device=dev, precision=precision, quiet=quiet, workers=workers)
         with torch.no_grad():
             logits = head(torch.from_numpy(test.features))
         test_scores = score(logits, test.labels, dataset.num_classes)
@@ -114,7 +119,7 @@ def run_linear(
     if protocol == "augment":
         config.update({"epochs": epochs, "max_steps": max_steps, "lr": lr, "momentum": momentum,
                        "nesterov": True, "weight_decay": 0.0, "crop_min_scale": crop_min_scale,
-                       "schedule": "cosine"})
+                       "schedule": "cosine", "streamed": streamed})
     parents = ([encoder.parent] if encoder.parent else []) + feature_parents
     with Staging(workdir, "linear", name, force=force) as staging:
         save_file(tensors, str(staging.dir / "classifier.safetensors"))

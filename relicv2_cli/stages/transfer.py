@@ -57,9 +57,10 @@ def split_items(items: list[str]) -> tuple[list[str], list[str]]:
 
 def transfer_one(
     encoder: Encoder, dataset: Dataset, *, grid: list[float], metric: str, val_fraction: float, seed: int,
-    max_iter: int, finetune_opts: dict | None, feature_kwargs: dict, quiet: bool,
+    max_iter: int, finetune_opts: dict | None, streamed: bool, feature_kwargs: dict, quiet: bool,
 ) -> tuple[dict, list]:
-    """One (encoder, dataset) row and the features artifacts it used."""
+    """One (encoder, dataset) row and the features artifacts it used; `streamed`: fine-tune on the train
+    (+ validation) split streamed rather than decoded in memory."""
     train_labels = dataset.train.labels
     if dataset.val is not None:
         val_source = "split"
@@ -93,23 +94,28 @@ def transfer_one(
         row.update({"mode": "linear", "l2": result.l2, "val_score": best["val"], "l2_grid": result.grid,
                     "refit_count": len(fit_y) + len(val_y), **_scores(result.test, metric)})
     else:
-        images, labels = dataset.train.images, train_labels
-        if dataset.val is not None:
-            images = np.concatenate([images, dataset.val.images])
-            labels = np.concatenate([labels, dataset.val.labels])
+        if streamed:
+            images = dataset.train if dataset.val is None else stream.joined(dataset.train, dataset.val)
+            labels = images.labels
+        else:
+            images, labels = dataset.train.images, train_labels
+            if dataset.val is not None:
+                images = np.concatenate([images, dataset.val.images])
+                labels = np.concatenate([labels, dataset.val.labels])
         size = view_size(encoder, dataset, "train")
         dev = feature_kwargs["device"]
         net, _history, summary = finetune(encoder, images, labels, num_classes=dataset.num_classes, size=size,
                                           device=dev, precision=feature_kwargs["precision"], quiet=quiet,
                                           description=f"fine-tune {encoder.label} on {dataset.spec}",
-                                          **finetune_opts)
+                                          workers=feature_kwargs["workers"], **finetune_opts)
         test_images = stream.StreamedImages(dataset.test, feature_kwargs["workers"]) \
             if stream.streamed(dataset, dataset.test) else dataset.test.images
         scores = evaluate_network(net, test_images, dataset.test.labels, num_classes=dataset.num_classes,
                                   size=size, device=dev, precision=feature_kwargs["precision"],
                                   batch_size=feature_kwargs["batch_size"], quiet=quiet,
                                   crop_fraction=fraction)
-        row.update({"mode": "finetune", "refit_count": len(labels), **summary, **_scores(scores, metric)})
+        row.update({"mode": "finetune", "refit_count": len(labels), "streamed": streamed, **summary,
+                    **_scores(scores, metric)})
         used = []
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row, used
@@ -146,14 +152,18 @@ def run_transfer(
     for dataset in datasets:
         require_labels(dataset, "eval transfer")
         crop_fraction_for(crop_fraction, dataset)
-        if finetune_mode:
-            for split in (dataset.train, dataset.val):
-                if split is not None:
-                    stream.require_in_memory(dataset, split, "eval transfer --finetune",
-                                             "eval transfer without --finetune")
     workdir = Path(workdir)
     name = name or _default_name(encoders, specs, finetune_mode)
     check_fresh(workdir, "transfer", name, force)
+    # --finetune: whether each dataset's train (+ validation) split streams, decided before any work
+    streamed = {}
+    for dataset in datasets if finetune_mode else []:
+        streamed[dataset.spec], why = stream.training_choice(
+            dataset, [split for split in (dataset.train, dataset.val) if split is not None])
+        if not quiet:
+            path = "streamed" if streamed[dataset.spec] else "in memory"
+            options.console.print(f"{dataset.spec}: training data {path}: {why}", markup=False,
+                                  highlight=False, soft_wrap=True)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
                           quiet=quiet, force=force, crop_fraction=crop_fraction, workers=workers)
@@ -165,6 +175,7 @@ def run_transfer(
             row, used = transfer_one(encoder, dataset, grid=grid, metric=metric, val_fraction=val_fraction,
                                      seed=seed, max_iter=max_iter,
                                      finetune_opts=finetune_opts if finetune_mode else None,
+                                     streamed=streamed.get(dataset.spec, False),
                                      feature_kwargs=feature_kwargs, quiet=quiet)
             rows.append(row)
             parents.extend(used)
@@ -177,6 +188,7 @@ def run_transfer(
               "mode": "finetune" if finetune_mode else "linear",
               "metric": metric, "l2_grid": grid, "val_fraction": val_fraction, "max_iter": max_iter,
               "refit": "train+val", "finetune": finetune_opts if finetune_mode else None,
+              "streamed": streamed if finetune_mode else None,
               "batch_size": batch_size,
               "precision": precision, "limit_train": limit_train, "limit_test": limit_test,
               "image_size": image_size, "crop_fraction": crop_fraction,
