@@ -18,6 +18,7 @@ from relicv2_cli.encoders import load_encoder
 from relicv2_cli.errors import RelicError
 from relicv2_cli.stages import saliency as stage
 from relicv2_cli.stages.pretrain import PretrainConfig, run_pretrain
+from tests.test_stream import tiny as stream_tiny
 
 
 def write_folder(root: Path) -> tuple[Path, Path, Path]:
@@ -41,11 +42,8 @@ def folder(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def tiny(root: Path, **changes) -> PretrainConfig:
-    settings = dict(spec=f"imagefolder:{root}", arch="resnet18", width=0.25, proj_hidden=32, proj_dim=16,
-                    batch_size=4, n_negatives=2, large_size=16, small_size=8, epochs=2.0, warmup_epochs=0.5,
-                    log_every=1, eval_every=0, in_memory="no", workers=0, precision="fp32",
-                    deterministic=True, max_steps=2)
-    return PretrainConfig(**{**settings, **changes})
+    """test_stream's tiny run, 2 steps of batch 4 (the folder holds 7 good training images)."""
+    return stream_tiny(root, **{"batch_size": 4, "n_negatives": 2, "max_steps": 2, **changes})
 
 
 def test_the_listing_is_checked_before_anything_decodes(folder):
