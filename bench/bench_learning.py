@@ -1,10 +1,9 @@
 """kNN gain over random init of the learning tests' runs, for the default recipe and the recipe before
 BYOL's colour jitter, per-view BatchNorm and bias-free heads became the defaults.
 
-Runs `tests/test_learning.py`'s `_knn_gain` (the same data, network and steps as the tests) and prints
-one JSON line per run: synthetic seeds 0 and 1 (default recipe only; the old recipe's numbers are in the
-test's docstring), CIFAR-10 seeds 0 and 1 (both recipes; needs RELICV2_DATA). One torch thread, about
-2-4 minutes a run on a 2-core CPU.
+Runs `tests/test_learning.py`'s `knn_gain` (the same data, network and steps as the tests) and prints
+one JSON line per run: synthetic seeds 0 and 1 (default recipe only), CIFAR-10 seeds 0 and 1 (both
+recipes; needs RELICV2_DATA). One torch thread, about 1-2 minutes a run on a 2-core CPU.
 
     OMP_NUM_THREADS=1 RELICV2_DATA=../shared/data python bench/bench_learning.py
 """
@@ -30,12 +29,10 @@ OLD_RECIPE = {"jitter": "torchvision", "bn_stats": "joint", "head_bias": True}
 def main() -> None:
     torch.set_num_threads(1)
     data_dir = os.environ.get("RELICV2_DATA")
-    synthetic = dict(limit_train=3000, limit_test=1000, image_size=16)
-    cifar = dict(limit_train=10000, limit_test=1000, image_size=16)
-    runs = [("synthetic", synthetic, seed, dict(batch_size=64, epochs=8, ema_base=0.96), "default")
+    runs = [("synthetic", test_learning.SYNTHETIC, seed, test_learning.SYNTHETIC_TRAIN, "default")
             for seed in (0, 1)]
     if data_dir:
-        runs += [(f"cifar10:{data_dir}", cifar, seed, dict(batch_size=256, epochs=4), recipe)
+        runs += [(f"cifar10:{data_dir}", test_learning.CIFAR, seed, test_learning.CIFAR_TRAIN, recipe)
                  for seed in (0, 1) for recipe in ("default", "old")]
     else:
         print("RELICV2_DATA not set: CIFAR-10 runs skipped", file=sys.stderr)
@@ -43,7 +40,7 @@ def main() -> None:
         extra = OLD_RECIPE if recipe == "old" else {}
         start = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            trained, random_init = test_learning._knn_gain(spec, data, seed, tmp, **train, **extra)
+            trained, random_init = test_learning.knn_gain(spec, data, seed, tmp, **train, **extra)
         print(json.dumps({"data": spec.split(":")[0], "seed": seed, "recipe": recipe,
                           "knn": round(trained, 4), "random_init": round(random_init, 4),
                           "gain": round(trained - random_init, 4),

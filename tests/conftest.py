@@ -19,6 +19,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def synthetic_pretrain(tmp_path_factory):
+    """tests/test_learning.py's seed-0 synthetic RELICv2 run (184 steps, about 35 s), shared with
+    tests/test_semi.py so that the suite trains it once."""
+    from test_learning import SYNTHETIC, SYNTHETIC_TRAIN, short_pretrain
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # convolution-bound
+    try:
+        return short_pretrain("synthetic", SYNTHETIC, 0, tmp_path_factory.mktemp("synthetic-pretrain"),
+                              **SYNTHETIC_TRAIN)
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class CliResult:
     code: int
