@@ -292,6 +292,15 @@ def crop_flip_steps(images: np.ndarray | Split, steps: int, *, batch: int, size:
         yield idx, crop_flip(images_t[idx], size, (crop_min_scale, 1.0), generator)
 
 
+def rows_of(split: Split, rows) -> Split:
+    """Rows `rows` of a split of encoded images as a split (semi's labelled subset), decoding nothing."""
+    rows = np.asarray(rows, np.int64)
+    return Split(labels=split.labels[rows],
+                 files=None if split.files is None else [split.files[i] for i in rows],
+                 sizes=None if split.sizes is None else split.sizes[rows],
+                 _read=lambda i: split.encoded(int(rows[i])))
+
+
 def joined(first: Split, second: Split) -> Split:
     """Two splits of encoded images as one (transfer fine-tunes on train + validation), decoding nothing."""
     n = len(first)

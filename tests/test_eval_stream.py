@@ -249,7 +249,38 @@ def test_linear_neighbors_ratios_and_embed_stream(tmp_path, cli, photos, prepare
     assert np.array_equal(embeddings, read_features(test_features[0]["path"]).features)
 
 
-def test_semi_decodes_only_its_labelled_images(tmp_path, cli, photos, monkeypatch, no_whole_split):
+def test_semi_streams_the_crops_of_its_labelled_images_only(tmp_path, cli, photos, monkeypatch,
+                                                             no_whole_split):
+    cropped = []
+    real = stream.crop_image
+
+    def spy(data, name, *args, **kw):
+        cropped.append(name)
+        return real(data, name, *args, **kw)
+
+    monkeypatch.setattr(stream, "crop_image", spy)
+    result = cli("eval", "semi", "random:resnet18", f"imagefolder:{photos}", "--fraction", "0.5",
+                 "--epochs", "1,2", "--val-fraction", "0.5", "--max-steps", "1", "--batch-size", "2",
+                 "--workdir", tmp_path, *TINY)
+    assert result.code == 0, result.err
+    assert "labelled images streamed: images of mixed sizes (in memory they need --image-size)" in result.err
+    art = load_artifact(result.last_line)
+    subset = [int(line) for line in art.file("subset.txt").read_text().split() if not line.startswith("#")]
+    assert len(subset) == 8 and art.config["streamed"] is True  # 4 of 8 per class
+    train = load_dataset(f"imagefolder:{photos}").train
+    # two candidates and the final fine-tune, one step of 2 crops each, all of labelled images
+    assert len(cropped) == 6 and set(cropped) <= {train.files[i] for i in subset}
+    assert len(art.metrics["selection"]) == 2 and art.metrics["steps"] == 1
+    assert art.config["crop_fraction"] == 0.875
+
+
+def test_semi_of_one_size_images_decodes_the_labelled_ones_in_memory(tmp_path, cli, photos, monkeypatch):
+    root = tmp_path / "squares"
+    for c in ("cat", "dog"):
+        for split in ("train", "test"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                cv2.imwrite(str(root / split / c / f"{i}.jpg"), smooth_image(24, 24, i))
     rows = []
     real = stream.decode_rows
 
@@ -258,13 +289,22 @@ def test_semi_decodes_only_its_labelled_images(tmp_path, cli, photos, monkeypatc
         return real(split, indices, side)
 
     monkeypatch.setattr(stream, "decode_rows", counted)
-    result = cli("eval", "semi", "random:resnet18", f"imagefolder:{photos}", "--fraction", "0.25",
-                 "--epochs", "1", "--max-steps", "1", "--batch-size", "4", "--workdir", tmp_path, *TINY)
+    result = cli("eval", "semi", "random:resnet18", f"imagefolder:{root}", "--fraction", "0.5",
+                 "--epochs", "1", "--batch-size", "2", "--workdir", tmp_path / "runs", *TINY)
     assert result.code == 0, result.err
+    assert "labelled images in memory: decoded training data" in result.err
     art = load_artifact(result.last_line)
     subset = [int(line) for line in art.file("subset.txt").read_text().split() if not line.startswith("#")]
-    assert sorted(rows) == subset and len(subset) == 4  # 2 of 8 per class
-    assert art.config["crop_fraction"] == 0.875
+    assert sorted(rows) == subset and len(subset) == 4 and art.config["streamed"] is False
+
+
+def test_stream_rows_of_a_split_reads_those_rows(photos):
+    split = load_dataset(f"imagefolder:{photos}").train
+    part = stream.rows_of(split, np.array([5, 2, 9]))
+    assert len(part) == 3 and list(part.labels) == [int(split.labels[i]) for i in (5, 2, 9)]
+    assert part.files == [split.files[i] for i in (5, 2, 9)]
+    assert part.encoded(1) == split.encoded(2)
+    assert stream.rows_of(part, [2]).encoded(0) == split.encoded(9)
 
 
 def test_stream_decode_rows_squares_mixed_sizes_at_the_view_side(photos):

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from relicv2_cli import options, stream
 from relicv2_cli.analysis import check_fresh, spec_slug
 from relicv2_cli.artifacts import Staging, load_artifact
-from relicv2_cli.data import Dataset, load_dataset, require_labels
+from relicv2_cli.data import Dataset, Split, load_dataset, require_labels
 from relicv2_cli.data.subsets import (
     balanced_subset,
     load_subset_file,
@@ -137,7 +137,6 @@ def run_semi(
                    head_init, bn, val_fraction)
     head_init = auto_head_init(encoder) if head_init == "auto" else head_init
     fraction_view = crop_fraction_for(crop_fraction, dataset)
-    streamed = stream.streamed(dataset, dataset.train)
     indices, source = resolve_subset(dataset, fraction, subset, seed)
     digest = subset_digest(indices)
     workdir = Path(workdir)
@@ -148,17 +147,28 @@ def run_semi(
     dev = options.resolve_device(device)
     start = time.perf_counter()
     size = view_size(encoder, dataset, "train", quiet)
-    # Only the labelled images are decoded (1% of ImageNet fits in memory); mixed sizes are stored as
-    # squares of the eval view's resized side, from which the crops are drawn.
-    images = stream.decode_rows(dataset.train, indices, round(size / fraction_view)) if streamed else \
-        dataset.train.images[indices]
+    # Only the labelled images are read. In memory (the fastest) when they are of one size and fit (1%
+    # of ImageNet at 256 px is ~2.5 GB); else their crops stream, as in eval linear --protocol augment.
+    labelled, streamed = None, False
+    if stream.streamed(dataset, dataset.train):
+        labelled = stream.rows_of(dataset.train, indices)
+        streamed, why = stream.training_choice(dataset, [labelled])
+        if not quiet:
+            options.console.print(f"labelled images {'streamed' if streamed else 'in memory'}: {why}",
+                                  markup=False, highlight=False, soft_wrap=True)
+    if streamed:
+        images = labelled
+    elif labelled is not None:  # mixed sizes the size sample missed become squares of the view's side
+        images = stream.decode_rows(dataset.train, indices, round(size / fraction_view))
+    else:
+        images = dataset.train.images[indices]
     labels = dataset.train.labels[indices]
     crop_min_scale = crop_min_scale or [auto_crop_min_scale(size)]
     candidates = [Recipe(e, r, c) for e, r, c in itertools.product(epochs, lr, crop_min_scale)]
     counts = per_class_counts(dataset.train.labels, indices, dataset.num_classes)
     tune = dict(num_classes=dataset.num_classes, size=size, max_steps=max_steps, batch_size=batch_size,
                 head_lr_scale=head_lr_scale, momentum=momentum, bn=bn, seed=seed, device=dev,
-                precision=precision, quiet=quiet)
+                precision=precision, quiet=quiet, workers=workers)
     evaluate = dict(num_classes=dataset.num_classes, size=size, device=dev, precision=precision,
                     batch_size=max(batch_size, 256), quiet=quiet, crop_fraction=fraction_view)
 
@@ -166,7 +176,7 @@ def run_semi(
     # it starts from (--head-init probe).
     test = split_features(encoder, dataset, "test", device=dev, precision=precision, workdir=workdir,
                           quiet=quiet, crop_fraction=fraction_view, workers=workers)
-    feats = embed(encoder.model.to(dev), images, size=size, device=dev, precision=precision,
+    feats = embed(encoder.model.to(dev), _viewed(images, workers), size=size, device=dev, precision=precision,
                   batch_size=256, quiet=quiet, description="labelled images",
                   crop_fraction=fraction_view).numpy()
     probe = frozen_probe(feats, labels, test.features, test.labels, num_classes=dataset.num_classes,
@@ -178,11 +188,11 @@ def run_semi(
         fit_probe = frozen_probe(feats[fit], labels[fit], feats[held], labels[held],
                                  num_classes=dataset.num_classes, seed=seed)
         for recipe in candidates:
-            net, _, _ = finetune(encoder, images[fit], labels[fit], epochs=recipe.epochs, lr=recipe.lr,
-                                 crop_min_scale=recipe.crop_min_scale,
+            net, _, _ = finetune(encoder, _rows(images, fit), labels[fit], epochs=recipe.epochs,
+                                 lr=recipe.lr, crop_min_scale=recipe.crop_min_scale,
                                  head_init=fit_probe.model if head_init == "probe" else None, **tune,
                                  description=f"select {_row_text(asdict(recipe))}")
-            val = evaluate_network(net, images[held], labels[held], **evaluate)
+            val = evaluate_network(net, _viewed(_rows(images, held), workers), labels[held], **evaluate)
             selection.append({**asdict(recipe), "val_top1": val["top1"]})
         best = max(range(len(candidates)), key=lambda i: selection[i]["val_top1"])  # ties: first listed
         chosen = candidates[best]
@@ -212,7 +222,7 @@ def run_semi(
               "nesterov": True, "weight_decay": 0.0, "schedule": "cosine, no warm-up",
               "crop_min_scale": crop_min_scale, "val_fraction": val_fraction if selection else None,
               "batch_size": batch_size, "image_size": size, "crop_fraction": fraction_view,
-              "precision": precision, "seed": seed,
+              "streamed": streamed, "precision": precision, "seed": seed,
               "device": dev.type, "frozen_probe": {"l2_grid": DEFAULT_L2_GRID, "val_fraction": 0.2},
               "train_fingerprint": dataset.train.fingerprint, "num_classes": dataset.num_classes,
               "class_names": dataset.class_names, **(config_extra or {})}
@@ -238,6 +248,16 @@ def run_semi(
                  ("fine-tuned top-5", f"{100 * metrics['top5']:.2f}%")]
         print_probe_table(f"semi-supervised fine-tuning: {name}", rows)
     return art
+
+
+def _rows(images: np.ndarray | Split, rows: np.ndarray) -> np.ndarray | Split:
+    """Rows of the labelled images: of the array, or of the streamed split (decoding nothing)."""
+    return stream.rows_of(images, rows) if isinstance(images, Split) else images[rows]
+
+
+def _viewed(images: np.ndarray | Split, workers: int | None):
+    """What embed() reads centre views from: the array, or the split streamed in chunks."""
+    return stream.StreamedImages(images, workers) if isinstance(images, Split) else images
 
 
 def _row_text(row: dict) -> str:
