@@ -231,13 +231,14 @@ def test_step_crops_do_not_depend_on_the_number_of_workers(folder):
                              seed=3)
     alone = list(stream.step_batches(crops, 1, 5, workers=0, pin=False))
     shared = list(stream.step_batches(crops, 1, 5, workers=2, pin=False))
-    assert len(alone) == 4 and alone[0][0].shape == (8, 3, 16, 16) and alone[0][1].shape == (4, 3, 8, 8)
+    assert len(alone) == 4 and alone[0][0].shape == (8, 16, 16, 3) and alone[0][1].shape == (4, 8, 8, 3)
     for a, b in zip(alone, shared, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     # Step 2 resumed alone gives what it gave in the run from step 1; view-major rows: view 1 of image 0 at 4
     assert torch.equal(next(stream.step_batches(crops, 2, 3, 0, False))[0], alone[1][0])
     image0 = stream.crop_image(dataset.train.encoded(int(order[8])), "", cfg, stream.image_generator(3, 2, 0))
-    assert np.array_equal(alone[1][0][4].permute(1, 2, 0).numpy(), image0[0][1])
+    assert np.array_equal(alone[1][0][4].numpy(), image0[0][1])
+    assert torch.equal(stream.on_device(alone[1][0], torch.device("cpu"))[4], alone[1][0][4].permute(2, 0, 1))
 
 
 def test_workers_leave_ctrl_c_to_the_training_process(folder):

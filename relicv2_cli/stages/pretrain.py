@@ -362,7 +362,9 @@ def train_step(run: Run, step: int, ddp: distributed.DistContext) -> dict:
         masks = run.masks[view_idx] if run.masks is not None else None
         views = make_views(run.images[view_idx], run.views, generator, masks).rows(keep)
     else:  # cut and resized in the loader's workers; the photometric part as make_views
-        large, small, masked = (c.to(run.device, non_blocking=True) for c in next(run.batches))  # data time
+        large, small, masked = next(run.batches)  # data time
+        large, small = stream.on_device(large, run.device), stream.on_device(small, run.device)
+        masked = masked.to(run.device, non_blocking=True)
         if len(view_idx) > len(rows):  # --dist-sampling global: the others' rows as zeros (not decoded)
             large, small = (_in_global_batch(c, len(view_idx), keep) for c in (large, small))
             everyone = masked.new_zeros((len(masked), len(view_idx)))  # (L, batch): others' crops unmasked
