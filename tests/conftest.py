@@ -21,7 +21,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def synthetic_pretrain(tmp_path_factory):
-    """tests/test_learning.py's seed-0 synthetic RELICv2 run (184 steps, about 35 s), shared with
+    """tests/test_learning.py's seed-0 synthetic RELICv2 run (184 steps, 20-40 s), shared with
     tests/test_semi.py so that the suite trains it once."""
     from test_learning import SYNTHETIC, SYNTHETIC_TRAIN, short_pretrain
 
