@@ -76,7 +76,7 @@ $(DEMO)/linear/random/manifest.json: $(foreach e,relicv2 byol supervised,$(DEMO)
 	$(RUN) eval linear random:resnet18 $(DATA) $(NET) $(W) --name random
 
 $(DEMO)/semi/relicv2/manifest.json: $(DEMO)/pretrain/relicv2/manifest.json
-	$(RUN) eval semi $(DEMO)/pretrain/relicv2 $(DATA) --fraction 0.1 --epochs 2 $(W) --name relicv2
+	$(RUN) eval semi $(DEMO)/pretrain/relicv2 $(DATA) --fraction 0.1 --epochs 10 $(W) --name relicv2
 
 $(DEMO)/transfer/demo/manifest.json: $(ENCODERS:%=%/manifest.json)
 	$(RUN) eval transfer $(ENCODERS) synthetic --seed 1 --limit-train 1000 --limit-test 500 --image-size 16 $(W) --name demo
