@@ -1,11 +1,11 @@
 """Learning that beats random init: short RELICv2 pretrains against the same network untrained.
 
 On `synthetic` (no external data): 3,000 images at 16 px, ResNet-18 width 0.25, 184 steps of batch 64
-(4 epochs, target EMA from 0.96), for seeds 0 and 1; the seed-0 run is shared with tests/test_semi.py
-(`synthetic_pretrain` in conftest.py). Measured with the default recipe on a 2-core Intel Xeon (two
-threads: 20-40 s a seed): kNN 55.0% against 32.3% for random init with seed 0 (+22.7
-points), 53.2% against 33.9% with seed 1 (+19.3); the test asks for +10 on each seed. Three epochs
-gave +18.3 / +11.3, too close to the margin; `make demo` runs the same network for 8 epochs.
+(4 epochs, target EMA from 0.96), seed 0, shared with tests/test_semi.py (`synthetic_pretrain` in
+conftest.py); `make bench-learning` runs seed 1 too (the suite must stay under 10 minutes on a slow
+2-core host). Measured with the default recipe on a 2-core Intel Xeon (two threads: 20-40 s a seed):
+kNN 55.0% against 32.3% for random init with seed 0 (+22.7 points), 53.2% against 33.9% with seed 1
+(+19.3); the test asks for +10. Three epochs gave +18.3 / +11.3, too close to the margin; `make demo` runs the same network for 8 epochs.
 
 On CIFAR-10 (needs RELICV2_DATA): 10,000 images at 16 px, 78 steps of batch 128 (1 epoch): kNN 37.8%
 against 26.9% for random init with seed 0 (+10.9 points), 35.5% against 24.9% with seed 1 (+10.6);
@@ -13,7 +13,6 @@ that test asks for +5 (78 steps of batch 256 gave +8.2 / +9.9 at twice the cost)
 `make bench-learning`.
 """
 
-import pytest
 import torch
 
 from relicv2_cli.data import load_dataset
@@ -51,15 +50,10 @@ def knn_gain(spec: str, data: dict, seed: int, workdir, **train) -> tuple[float,
     return trained, random_init_knn(spec, data, seed)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_short_relicv2_pretrain_beats_random_init_on_synthetic(synthetic_pretrain, tmp_path, seed):
-    if seed == 0:
-        trained = synthetic_pretrain.metrics["knn_top1"]
-    else:
-        torch.set_num_threads(2)  # convolution-bound; the conftest fixture restores the count
-        trained = short_pretrain("synthetic", SYNTHETIC, seed, tmp_path, **SYNTHETIC_TRAIN).metrics["knn_top1"]
-    random_init = random_init_knn("synthetic", SYNTHETIC, seed)
-    assert trained >= random_init + 0.10, f"seed {seed}: RELICv2 kNN {trained:.3f} vs random init {random_init:.3f}"
+def test_short_relicv2_pretrain_beats_random_init_on_synthetic(synthetic_pretrain):
+    trained = synthetic_pretrain.metrics["knn_top1"]
+    random_init = random_init_knn("synthetic", SYNTHETIC, 0)
+    assert trained >= random_init + 0.10, f"RELICv2 kNN {trained:.3f} vs random init {random_init:.3f}"
 
 
 def test_short_relicv2_pretrain_beats_random_init_on_cifar10(cifar_dir, tmp_path):

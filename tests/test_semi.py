@@ -30,7 +30,7 @@ def _semi(encoder_spec, dataset, workdir, seed, **kw):
                          quiet=True, **kw).metrics
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1])  # the labelled subset, batch order and crops; one pretrain
 def test_finetune_from_pretrained_beats_random_init(synthetic_pretrain, tmp_path, seed):
     dataset = load_dataset("synthetic", **DATA, seed=seed)
     trained = _semi(synthetic_pretrain.path, dataset, tmp_path, seed, epochs=15)
