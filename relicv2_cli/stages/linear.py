@@ -63,11 +63,7 @@ def run_linear(
     fraction = crop_fraction_for(crop_fraction, dataset)
     streamed = False
     if protocol == "augment":
-        streamed, why = stream.training_choice(dataset, [dataset.train])
-        if not quiet:
-            path = "streamed" if streamed else "in memory"
-            options.console.print(f"training data {path}: {why}", markup=False, highlight=False,
-                                  soft_wrap=True)
+        streamed = stream.announce("training data", stream.training_choice(dataset, [dataset.train]), quiet)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
                           quiet=quiet, force=force, crop_fraction=fraction, workers=workers)

@@ -152,10 +152,7 @@ def run_semi(
     labelled, streamed = None, False
     if stream.streamed(dataset, dataset.train):
         labelled = stream.rows_of(dataset.train, indices)
-        streamed, why = stream.training_choice(dataset, [labelled])
-        if not quiet:
-            options.console.print(f"labelled images {'streamed' if streamed else 'in memory'}: {why}",
-                                  markup=False, highlight=False, soft_wrap=True)
+        streamed = stream.announce("labelled images", stream.training_choice(dataset, [labelled]), quiet)
     if streamed:
         images = labelled
     elif labelled is not None:  # mixed sizes the size sample missed become squares of the view's side

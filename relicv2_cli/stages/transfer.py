@@ -158,12 +158,9 @@ def run_transfer(
     # --finetune: whether each dataset's train (+ validation) split streams, decided before any work
     streamed = {}
     for dataset in datasets if finetune_mode else []:
-        streamed[dataset.spec], why = stream.training_choice(
-            dataset, [split for split in (dataset.train, dataset.val) if split is not None])
-        if not quiet:
-            path = "streamed" if streamed[dataset.spec] else "in memory"
-            options.console.print(f"{dataset.spec}: training data {path}: {why}", markup=False,
-                                  highlight=False, soft_wrap=True)
+        splits = [split for split in (dataset.train, dataset.val) if split is not None]
+        choice = stream.training_choice(dataset, splits)
+        streamed[dataset.spec] = stream.announce(f"{dataset.spec}: training data", choice, quiet)
     dev = options.resolve_device(device)
     feature_kwargs = dict(device=dev, batch_size=batch_size, precision=precision, workdir=workdir,
                           quiet=quiet, force=force, crop_fraction=crop_fraction, workers=workers)
